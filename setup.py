@@ -1,0 +1,79 @@
+"""Build and install maskvl.
+
+The C++ extension ``maskvl._C`` (``csrc/*.cpp``) is built with torch's cpp_extension when torch is
+importable at build time; install with ``pip install --no-build-isolation .`` so the build sees the
+torch you already have (an isolated build would pull a fresh, multi-GB torch). If torch is missing or
+the compiler fails, maskvl installs without the extension and runs on its reference path
+(``maskvl info`` says why). No network or pip calls happen here.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    ns: dict = {}
+    with open(os.path.join(HERE, "maskvl", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                exec(line, ns)
+    return ns["__version__"]
+
+
+ext_modules = []
+cmdclass = {}
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+if sources and os.environ.get("MASKVL_NO_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+        ext_modules.append(
+            CppExtension(
+                "maskvl._C",
+                sources,
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+            )
+        )
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=False)
+    except Exception as exc:  # torch absent at build time: install the pure-Python package
+        print(f"maskvl: not building the C++ extension ({exc})", file=sys.stderr)
+
+setup(
+    name="maskvl",
+    version=_version(),
+    description="Which input tokens a vision-language model uses, layer by layer, as it answers",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["maskvl", "maskvl.*", "kernels", "kernels.*"]),
+    package_data={"maskvl": ["viewer/*", "viewer/vendor/*"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is not pinned here: GPU users bring their own build. The ranges are those run so far.
+        "torch>=2.11,<2.14",
+        "transformers>=5.17,<5.24",
+        "pillow>=10",
+        "pyarrow>=15",
+        "numpy>=1.26",
+        "click>=8.1",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "render": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "playwright>=1.40", "matplotlib>=3.7", "triton>=3.3"],
+    },
+    entry_points={"console_scripts": ["maskvl=maskvl.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
