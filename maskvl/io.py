@@ -1,0 +1,249 @@
+"""Output: the Parquet format (``docs/FORMAT.md``), written step by step and published atomically.
+
+A :class:`ParquetSink` writes into a hidden temporary file beside the target, one row group per
+generation step. ``close`` adds the final metadata and renames the file into place (``os.replace`` is
+atomic on POSIX), so a final name never holds a partial file. ``abort`` (an error or Ctrl-C mid-run)
+keeps the completed steps under ``<name>.partial.parquet`` with ``complete: false`` in the metadata.
+A SIGKILL leaves only the hidden temporary file, which :func:`clean_stale_temps` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import measures
+
+FORMAT_VERSION = 1
+METADATA_KEY = "maskvl"
+TEMP_MARKER = ".maskvl-tmp-"
+
+
+def schema(float64: bool = False) -> pa.Schema:
+    """The row schema (float32 distances, float64 for float64 runs)."""
+    f = pa.float64() if float64 else pa.float32()
+    dict_str = pa.dictionary(pa.int32(), pa.string())
+    return pa.schema([
+        ("generation_step", pa.int32()),
+        ("layer", pa.int32()),
+        ("token_masked", dict_str),
+        ("token_position", pa.int32()),
+        ("variant", pa.dictionary(pa.int16(), pa.string())),
+        ("l2_distance", f),
+        ("cosine_distance", f),
+        ("token_kind", pa.dictionary(pa.int8(), pa.string())),
+        ("image_index", pa.int32()),
+        ("patch_row", pa.int32()),
+        ("patch_col", pa.int32()),
+        ("kl_divergence", f),
+        ("target_prob_delta", f),
+    ])
+
+
+class TokenTable:
+    """Per-position facts of a sequence: text, kind, image index and patch row/col (-1 for text)."""
+
+    def __init__(self, texts: list[str], image_index: np.ndarray, patch_row: np.ndarray, patch_col: np.ndarray):
+        self.texts = list(texts)
+        self.image_index = np.asarray(image_index, dtype=np.int32)
+        self.patch_row = np.asarray(patch_row, dtype=np.int32)
+        self.patch_col = np.asarray(patch_col, dtype=np.int32)
+
+    @classmethod
+    def build(cls, texts: list[str], images: list[Any]) -> "TokenTable":
+        n = len(texts)
+        idx = np.full(n, -1, np.int32)
+        row = np.full(n, -1, np.int32)
+        col = np.full(n, -1, np.int32)
+        for im in images:
+            k = np.arange(im.token_end - im.token_start)
+            idx[im.token_start:im.token_end] = im.index
+            row[im.token_start:im.token_end] = k // im.grid_cols
+            col[im.token_start:im.token_end] = k % im.grid_cols
+        return cls(texts, idx, row, col)
+
+    def append(self, text: str) -> None:
+        self.texts.append(text)
+        self.image_index = np.append(self.image_index, np.int32(-1))
+        self.patch_row = np.append(self.patch_row, np.int32(-1))
+        self.patch_col = np.append(self.patch_col, np.int32(-1))
+
+    def to_list(self, ids: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for p, (tid, text) in enumerate(zip(ids, self.texts)):
+            img = int(self.image_index[p])
+            out.append({
+                "position": p, "id": int(tid), "text": text, "kind": "image" if img >= 0 else "text",
+                "image_index": img if img >= 0 else None,
+                "patch_row": int(self.patch_row[p]) if img >= 0 else None,
+                "patch_col": int(self.patch_col[p]) if img >= 0 else None,
+            })
+        return out
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.int32(), mask=values < 0)
+
+
+def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants: list[str],
+               float64: bool = False, extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """The rows of one step, sorted by layer, variant (natural order), position.
+
+    ``layer_results`` items have ``layer``, ``positions [P]``, ``l2 [V, P]``, ``cos [V, P]`` with the
+    variants in ``variants`` order; ``extra`` may carry ``kl_divergence``/``target_prob_delta`` arrays
+    aligned with the rows (NaN where null).
+    """
+    ft = np.float64 if float64 else np.float32
+    V = len(variants)
+    layer_col, pos_col, var_col, l2_col, cos_col = [], [], [], [], []
+    for lr in layer_results:
+        P = len(lr.positions)
+        n_var = lr.l2.shape[0]
+        layer_col.append(np.full(n_var * P, lr.layer, np.int32))
+        pos_col.append(np.tile(np.asarray(lr.positions, np.int32), n_var))
+        var_col.append(np.repeat(np.asarray(lr.variant_index if hasattr(lr, "variant_index") else np.arange(n_var),
+                                            np.int16), P))
+        l2_col.append(np.asarray(lr.l2, ft).reshape(-1))
+        cos_col.append(np.asarray(lr.cos, ft).reshape(-1))
+    positions = np.concatenate(pos_col) if pos_col else np.zeros(0, np.int32)
+    n = len(positions)
+    uniq, inverse = np.unique(np.asarray(tokens.texts, dtype=object), return_inverse=True)
+    text_idx = inverse.astype(np.int32)[positions]
+    kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
+    f = pa.float64() if float64 else pa.float32()
+    null_f = pa.nulls(n, type=f)
+    extra = extra or {}
+
+    def opt(name: str) -> pa.Array:
+        if name not in extra:
+            return null_f
+        vals = np.asarray(extra[name], ft)
+        return pa.array(vals, type=f, mask=np.isnan(vals))
+
+    cols = {
+        "generation_step": pa.array(np.full(n, step, np.int32)),
+        "layer": pa.array(np.concatenate(layer_col) if layer_col else np.zeros(0, np.int32)),
+        "token_masked": pa.DictionaryArray.from_arrays(pa.array(text_idx, pa.int32()),
+                                                       pa.array([str(u) for u in uniq], pa.string())),
+        "token_position": pa.array(positions),
+        "variant": pa.DictionaryArray.from_arrays(
+            pa.array(np.concatenate(var_col) if var_col else np.zeros(0, np.int16), pa.int16()),
+            pa.array(variants, pa.string())),
+        "l2_distance": pa.array(np.concatenate(l2_col) if l2_col else np.zeros(0, ft), f),
+        "cosine_distance": pa.array(np.concatenate(cos_col) if cos_col else np.zeros(0, ft), f),
+        "token_kind": pa.DictionaryArray.from_arrays(pa.array(kinds, pa.int8()), pa.array(["text", "image"])),
+        "image_index": _nullable(tokens.image_index[positions]),
+        "patch_row": _nullable(tokens.patch_row[positions]),
+        "patch_col": _nullable(tokens.patch_col[positions]),
+        "kl_divergence": opt("kl_divergence"),
+        "target_prob_delta": opt("target_prob_delta"),
+    }
+    assert V == len(variants)
+    return pa.Table.from_pydict(cols, schema=schema(float64))
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def partial_path(path: Path) -> Path:
+    """Where an interrupted run keeps its completed steps."""
+    stem = path.name[:-len(".parquet")] if path.name.endswith(".parquet") else path.name
+    return path.with_name(stem + ".partial.parquet")
+
+
+class ParquetSink:
+    """Writes steps as row groups to a temporary file; publishes it atomically on :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, float64: bool = False, csv: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.float64 = float64
+        self.csv = csv
+        self.tmp = _tmp_path(self.path)
+        self.writer = pq.ParquetWriter(self.tmp, schema(float64), compression="zstd")
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+        self.rows += table.num_rows
+
+    def _finish(self, metadata: dict[str, Any], target: Path) -> Path:
+        self.writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata)})
+        self.writer.close()
+        os.replace(self.tmp, target)
+        return target
+
+    def close(self, metadata: dict[str, Any]) -> Path:
+        """Publish the file under its final name (and the CSV beside it when asked)."""
+        out = self._finish(metadata, self.path)
+        if self.csv:
+            write_csv(out, out.with_suffix(".csv"))
+        return out
+
+    def abort(self, metadata: dict[str, Any]) -> Path | None:
+        """Keep completed steps in ``<name>.partial.parquet``; returns that path (None if nothing was written)."""
+        try:
+            if self.rows == 0:
+                self.writer.close()
+                self.tmp.unlink(missing_ok=True)
+                return None
+            return self._finish(metadata, partial_path(self.path))
+        except Exception:
+            self.tmp.unlink(missing_ok=True)
+            return None
+
+
+def write_csv(parquet: Path, csv_path: Path) -> Path:
+    """The same rows as CSV (dictionary columns decoded), written atomically."""
+    import pyarrow.csv as pacsv
+
+    table = pq.read_table(parquet)
+    table = table.cast(pa.schema([
+        pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in table.schema
+    ]))
+    tmp = _tmp_path(csv_path)
+    try:
+        pacsv.write_csv(table, tmp)
+        os.replace(tmp, csv_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return csv_path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``maskvl`` metadata of a Parquet file, or None if it has none (e.g. a prototype file)."""
+    # The footer's key-value metadata (written at close), not the Arrow schema's.
+    md = pq.ParquetFile(path).metadata.metadata or {}
+    raw = md.get(METADATA_KEY.encode())
+    return json.loads(raw) if raw else None
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporary files a killed run left in ``directory``; returns what was removed."""
+    removed = []
+    for p in Path(directory).glob(f".*{TEMP_MARKER}*"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def base_metadata(**fields: Any) -> dict[str, Any]:
+    """The metadata object with its fixed fields (format version, maskvl version, measure definitions)."""
+    from . import __version__
+
+    md = {"format_version": FORMAT_VERSION, "maskvl_version": __version__, "measures": measures.DEFINITIONS}
+    md.update(fields)
+    return md

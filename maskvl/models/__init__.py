@@ -1,0 +1,92 @@
+"""Model families. ``load_model`` resolves a model spec and returns the family's adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelLoadError
+from .base import Capture, ImageInfo, ModelAdapter, Prepared
+from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: float32 by default on the CPU, bfloat16 on CUDA."""
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: cuda when available, else cpu."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {name!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+# "org/name" or "name": what the hub accepts as a repository id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return not _HUB_ID.match(spec) or spec.endswith((".json", ".safetensors"))
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               verbose: bool = False) -> ModelAdapter:
+    """Load a model by hub id, local hub-like directory, or ``builtin:tiny-qwen3-vl``.
+
+    Raises :class:`ModelLoadError` with a one-line message when it cannot.
+    """
+    device = torch.device(device)
+    if spec.startswith(BUILTIN_PREFIX):
+        try:
+            path = str(builtin_dir(spec))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    elif os.path.isdir(os.path.expanduser(spec)):
+        path = os.path.expanduser(spec)
+        if not (Path(path) / "config.json").exists():
+            raise ModelLoadError(f"model directory {spec!r} has no config.json")
+    elif _looks_like_path(spec):
+        raise ModelLoadError(f"model directory not found: {spec}")
+    else:
+        path = spec  # a hub id: transformers resolves and downloads it
+    model_type = None
+    if os.path.isdir(path):
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {path}/config.json: {exc}") from exc
+    else:
+        try:
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(path).model_type
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    from .qwen3_vl import MODEL_TYPES, load_qwen3_vl
+
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(f"unsupported model type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+    return load_qwen3_vl(path, spec, dtype, device, verbose=verbose)
+
+
+__all__ = [
+    "BUILTIN_TINY", "Capture", "DTYPES", "ImageInfo", "ModelAdapter", "Prepared", "load_model",
+    "resolve_device", "resolve_dtype", "write_tiny_model",
+]

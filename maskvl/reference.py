@@ -1,0 +1,203 @@
+"""The naive method, done right: one real forward of the transformers model per (step, layer, key).
+
+For every generation step s, layer L and masked key p this runs the unmodified model on the whole
+sequence (prompt + s greedy tokens, fresh, no cache) with exactly one attention entry removed: key p
+for the final query row at layer L. The removal goes through transformers' attention-function registry
+(a registered attention implementation named ``maskvl_knockout``, selected on the model's text config
+only for the duration of the call), not by patching transformers. Layer L's attention is then computed
+explicitly in float64 (float64 models) or float32 (others); every other layer uses the model's own
+SDPA attention, as in the clean pass. Hooks read the final position's layer input and output, o_proj's
+input and output, and the final logits.
+
+It is slow by design: it is the ground truth that the fast engine is tested against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import measures
+from .engine import MASK_MODES, mask_positions
+from .models.base import ModelAdapter, Prepared
+
+KNOCKOUT_ATTN = "maskvl_knockout"
+
+_target = threading.local()
+
+
+def _knockout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention with key ``p`` removed for the final query row at the target layer only.
+
+    ``query [B, H, Sq, D]``, ``key/value [B, KV, Sk, D]``; returns ``([B, Sq, H, D], None)`` like
+    transformers' attention functions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    target = getattr(_target, "value", None)
+    if target is None or module.layer_idx != target[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    p = target[1]
+    B, H, Sq, D = query.shape
+    KV, Sk = key.shape[1], key.shape[2]
+    cd = measures.compute_dtype(query.dtype)
+    heads = torch.arange(H, device=query.device) // (H // KV)
+    k = key.to(cd)[:, heads]
+    v = value.to(cd)[:, heads]
+    s = torch.matmul(query.to(cd), k.transpose(-1, -2)) * (scaling if scaling is not None else D ** -0.5)
+    if attention_mask is None:
+        qpos = torch.arange(Sk - Sq, Sk, device=query.device)
+        allowed = (torch.arange(Sk, device=query.device)[None, :] <= qpos[:, None]).expand(B, 1, Sq, Sk)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :Sk]
+    else:
+        allowed = attention_mask[..., :Sk] == 0
+    allowed = allowed.clone()
+    allowed[..., Sq - 1, p] = False
+    s = s.masked_fill(~allowed, float("-inf"))
+    out = torch.matmul(torch.softmax(s, dim=-1), v)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KNOCKOUT_ATTN, _knockout_attention)
+    AttentionMaskInterface.register(KNOCKOUT_ATTN, sdpa_mask)
+
+
+@contextlib.contextmanager
+def knockout(adapter: ModelAdapter, layer: int | None, position: int | None) -> Iterator[None]:
+    """Within the block, the model's decoder attention removes ``position`` for the final query at ``layer``."""
+    _register()
+    cfg = adapter.attention_config()
+    before = cfg._attn_implementation
+    cfg._attn_implementation = KNOCKOUT_ATTN
+    _target.value = None if layer is None else (layer, position)
+    try:
+        yield
+    finally:
+        _target.value = None
+        cfg._attn_implementation = before
+
+
+@dataclass
+class _Vectors:
+    full: torch.Tensor  # [d]
+    attn: torch.Tensor  # [d]
+    heads: torch.Tensor  # [H, d]
+    logits: torch.Tensor  # [V]
+
+
+def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[int], layers: list[int],
+                     target: tuple[int, int] | None) -> dict[int, _Vectors]:
+    """One full forward (with the knockout ``target`` if given); the final position's vectors per layer."""
+    cd = measures.compute_dtype(adapter.dtype)
+    store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    handles = []
+    for layer in layers:
+        s = store[layer]
+
+        def pre(mod, args, kw, s=s):
+            h = args[0] if args else kw["hidden_states"]
+            s["x"] = h[0, -1].to(cd)
+
+        def post(mod, args, kw, out, s=s):
+            h = out[0] if isinstance(out, tuple) else out
+            s["y"] = h[0, -1].to(cd)
+
+        def o_in(mod, args, s=s):
+            s["o"] = args[0][0, -1].to(cd)
+
+        def o_out(mod, args, out, s=s):
+            s["attn"] = out[0, -1].to(cd)
+
+        handles.append(adapter.decoder_layer(layer).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(adapter.decoder_layer(layer).register_forward_hook(post, with_kwargs=True))
+        handles.append(adapter.o_proj(layer).register_forward_pre_hook(o_in))
+        handles.append(adapter.o_proj(layer).register_forward_hook(o_out))
+    try:
+        with knockout(adapter, *(target if target else (None, None))):
+            logits = adapter.forward_full(prepared, generated).to(cd)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    H, D = adapter.num_heads, adapter.head_dim
+    for layer in layers:
+        s = store[layer]
+        w = adapter.o_proj(layer).weight.to(cd)  # [d, H*D]
+        o = s["o"].reshape(H, D)
+        # Head h's contribution, materialized explicitly: o_proj applied to head h's slice alone.
+        heads = torch.stack([w[:, h * D:(h + 1) * D] @ o[h] for h in range(H)])
+        out[layer] = _Vectors(full=s["y"] - s["x"], attn=s["attn"], heads=heads, logits=logits)
+    return out
+
+
+@dataclass
+class ReferenceStep:
+    """Brute-force results of one step: per layer ``l2``/``cos`` ``[V, P]`` (variant order as the engine)."""
+
+    step: int
+    positions: np.ndarray
+    l2: dict[int, np.ndarray]
+    cos: dict[int, np.ndarray]
+    generated_id: int
+    logits_clean: torch.Tensor
+    logits_masked: dict[int, torch.Tensor]  # layer -> [P, V]
+
+
+@torch.no_grad()
+def reference_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "text", num_tokens: int = 1,
+                    layers: list[int] | None = None) -> list[ReferenceStep]:
+    """The naive method: a full masked forward per (step, layer, masked position)."""
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mask_mode!r}")
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+    stops = adapter.stop_token_ids()
+    generated: list[int] = []
+    is_image = prepared.is_image.clone()
+    steps = []
+    for step in range(num_tokens):
+        clean = _capture_forward(adapter, prepared, generated, layers, None)
+        positions = mask_positions(is_image, mask_mode).tolist()
+        l2: dict[int, np.ndarray] = {}
+        cos: dict[int, np.ndarray] = {}
+        logits_masked: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            rows_l2, rows_cos, rows_logits = [], [], []
+            c = clean[layer]
+            for p in positions:
+                m = _capture_forward(adapter, prepared, generated, [layer], (layer, p))[layer]
+                pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h]) for h in range(adapter.num_heads)]
+                d = [measures.vector_distances_direct(a, b) for a, b in pairs]
+                rows_l2.append(torch.stack([x[0] for x in d]))
+                rows_cos.append(torch.stack([x[1] for x in d]))
+                rows_logits.append(m.logits)
+            l2[layer] = torch.stack(rows_l2, 1).cpu().numpy()
+            cos[layer] = torch.stack(rows_cos, 1).cpu().numpy()
+            logits_masked[layer] = torch.stack(rows_logits)
+        logits_clean = next(iter(clean.values())).logits
+        token = int(logits_clean.argmax())
+        steps.append(ReferenceStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked))
+        if token in stops:
+            break
+        generated.append(token)
+        is_image = torch.cat([is_image, torch.zeros(1, dtype=torch.bool)])
+    return steps
+
+
+def relative_l2_error(fast: Any, ref: Any) -> float:
+    """``||fast - ref|| / ||ref||`` over all elements (0 when both are zero)."""
+    fast = np.asarray(fast, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    num = np.linalg.norm(fast - ref)
+    return float(num / den) if den > 0 else float(num)
