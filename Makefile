@@ -1,0 +1,45 @@
+# Quick start: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.maskvl-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: install build demo test test-fast browser bench clean
+
+$(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*.cpp)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# The CPU wheel of torch that lies on this machine; an unpinned torch would pull a CUDA build.
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# --no-build-isolation: the C++ extension must build against the torch installed above.
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+# Debian's chromium for the viewer's browser tests (never a browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; browser tests will be skipped"; \
+	  else echo "warning: chromium missing and not root; browser tests will be skipped"; fi; }
+
+demo: install
+	$(BIN)/maskvl sweep --model builtin:tiny-qwen3-vl --image examples/sample.png \
+	  --prompt "What is in this picture? Be brief." --mask-mode both --num-tokens 3 \
+	  --output maskvl-out/demo.parquet
+	@if $(BIN)/maskvl view --help >/dev/null 2>&1; then \
+	  $(BIN)/maskvl view maskvl-out/demo.parquet -o maskvl-out/demo.html; fi
+
+# TRITON_INTERPRET=1 runs the Triton kernels on the CPU (it must be set before triton is imported).
+test: install browser
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/run.py --device cpu --preset ci
+
+clean:
+	rm -rf build maskvl/_C*.so *.egg-info maskvl-out

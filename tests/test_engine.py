@@ -1,0 +1,69 @@
+"""The engine against the naive method: real transformers forwards with one attention entry masked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maskvl.engine import Engine, SweepConfig
+from maskvl.inputs import load_image
+from maskvl.reference import reference_sweep, relative_l2_error
+
+
+def _compare(adapter, image_paths, prompt, mode, steps, tol, row_tol, layers=None):
+    imgs = [load_image(str(p)) for p in image_paths]
+    prep = adapter.prepare(prompt, imgs, [str(p) for p in image_paths])
+    fast = list(Engine(adapter, "reference").run(prep, SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers)))
+    ref = reference_sweep(adapter, prep, mode, steps, layers)
+    assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
+    assert len(fast) == len(ref) == steps
+    worst = 0.0
+    for f, r in zip(fast, ref):
+        for lr in f.layers:
+            np.testing.assert_array_equal(lr.positions, r.positions)
+            for name, got, want in (("l2", lr.l2, r.l2[lr.layer]), ("cos", lr.cos, r.cos[lr.layer])):
+                assert got.shape == want.shape
+                assert np.isfinite(got).all()
+                # Per variant: relative L2 error over the masked positions.
+                for v in range(got.shape[0]):
+                    err = relative_l2_error(got[v], want[v])
+                    worst = max(worst, err)
+                    assert err <= tol, (f.step, lr.layer, v, name, err)
+                if name == "l2":
+                    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-300)
+                    assert rel.max() <= row_tol, (f.step, lr.layer, rel.max())
+    return prep, fast, worst
+
+
+@pytest.mark.parametrize("mode", ["both"])
+def test_float64_nonsquare_image_two_steps(adapter64, images, mode):
+    prep, fast, worst = _compare(adapter64, [images["wide"]], "What is in this image?", mode, 2, 1e-9, 1e-6)
+    assert prep.images[0].grid_rows == 2 and prep.images[0].grid_cols == 3
+    # Step 1 measures one more key than step 0, and `both` masks every position.
+    assert len(fast[1].layers[0].positions) == len(fast[0].layers[0].positions) + 1 == prep.input_ids.shape[1] + 1
+
+
+def test_float64_two_images_vision_mode(adapter64, images):
+    prep, fast, _ = _compare(adapter64, [images["wide"], images["tall"]], "Compare the two pictures.", "vision",
+                             2, 1e-9, 1e-6)
+    assert [(im.grid_rows, im.grid_cols) for im in prep.images] == [(2, 3), (4, 2)]
+    assert len(fast[0].layers[0].positions) == 6 + 8
+
+
+def test_float64_text_only(adapter64):
+    prep, fast, _ = _compare(adapter64, [], "Explain what a rotary embedding is.", "text", 2, 1e-9, 1e-6)
+    assert not prep.images and not bool(prep.is_image.any())
+
+
+def test_float32_within_1e4(adapter32, images):
+    _compare(adapter32, [images["tall"]], "What color is it?", "both", 2, 1e-4, 1e-2, layers=[0, 2])
+
+
+def test_layer_subset_and_order(adapter64, images):
+    imgs = [load_image(str(images["wide"]))]
+    prep = adapter64.prepare("Hi", imgs, [None])
+    res = list(Engine(adapter64, "reference").run(prep, SweepConfig(mask_mode="text", num_tokens=1, layers=[2, 0])))
+    assert [lr.layer for lr in res[0].layers] == [0, 2]
+    # text mode skips exactly the image pads
+    assert not set(res[0].layers[0].positions.tolist()) & set(range(prep.images[0].token_start,
+                                                                     prep.images[0].token_end))
