@@ -74,13 +74,17 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
     prepared = adapter.prepare(prompt, pil, paths, max_pixels=max_pixels)
     ids = prepared.input_ids[0].tolist()
     tokens = io.TokenTable.build(adapter.token_texts(ids), prepared.images)
-    variants = measures.variant_names(adapter.num_heads)
+    variants = measures.variant_names(adapter.num_heads, logits=config.logits)
     float64 = engine.cd == torch.float64
     meta = io.base_metadata(
         model=adapter.model_id, dtype=str(adapter.dtype).replace("torch.", ""), device=str(adapter.device),
         backend=engine.backend.name, prompt=prompt, mask_mode=config.mask_mode,
         num_layers=adapter.num_layers, num_heads=adapter.num_heads, layers=layers, variants=variants,
-        images=[im.to_dict() for im in prepared.images], target={"mode": "greedy"},
+        images=[im.to_dict() for im in prepared.images],
+        target=({"mode": "greedy"} if config.target_token is None else
+                {"mode": "token", "id": config.target_token,
+                 "text": adapter.token_texts([config.target_token])[0]}),
+        logits=config.logits, knockout_window=config.knockout_window,
         num_steps=config.num_tokens, steps_completed=0, complete=False,
     )
     generated: list[dict[str, Any]] = []
@@ -128,9 +132,27 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
     return SweepOutcome(table, meta, path, time.perf_counter() - t0, gen_text, prepared.images)
 
 
+def resolve_target_token(adapter: ModelAdapter, target: str | int | None) -> int | None:
+    """``--target-token``: a token id, or text that the tokenizer encodes as exactly one token."""
+    if target is None:
+        return None
+    vocab = getattr(adapter, "vocab_size", None)
+    if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
+        tid = int(target)
+        if vocab is not None and not 0 <= tid < vocab:
+            raise InputError(f"target token id {tid} is outside the vocabulary (0-{vocab - 1})")
+        return tid
+    ids = adapter.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = adapter.token_texts(ids)
+        raise InputError(f"target token {target!r} is {len(ids)} tokens {pieces}; give one token or its id")
+    return int(ids[0])
+
+
 def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, mask_mode: str = "text",
           num_tokens: int = 1, layers: str | list[int] | None = None, dtype: str | torch.dtype | None = None,
           device: str | torch.device | None = None, backend: str = "auto", max_pixels: int | None = None,
+          logits: bool = False, knockout_window: int = 1, target_token: str | int | None = None,
           output: str | os.PathLike | None = None, csv: bool = False, verbose: bool = False,
           tokenizer: Any = None, image_processor: Any = None) -> pa.Table:
     """Run a sweep and return its rows as a ``pyarrow.Table`` (metadata under ``b"maskvl"``).
@@ -144,10 +166,15 @@ def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, mask_mode
         mask_mode: ``text``, ``vision`` or ``both``.
         num_tokens: generation steps to measure (greedy; stops early at a stop token).
         layers: ``"0-5,20"`` or a list of layer indices; None for all.
+        logits: add the ``Logits`` variant (effect on the next-token distribution).
+        knockout_window: with ``logits``, remove the key at layers L..L+k-1.
+        target_token: token (text or id) whose probability change is reported; default the greedy one.
         output: also write Parquet there (atomically, step by step).
     """
     adapter = _as_adapter(model, dtype, device, verbose, tokenizer, image_processor)
     if isinstance(layers, str):
         layers = parse_layers(layers)
-    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=layers, backend=backend)
+    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=layers, backend=backend,
+                         logits=logits, knockout_window=knockout_window,
+                         target_token=resolve_target_token(adapter, target_token))
     return run_sweep(adapter, list(images), prompt, config, output=output, csv=csv, max_pixels=max_pixels).table

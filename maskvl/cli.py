@@ -36,6 +36,7 @@ Examples:
   maskvl sweep --model Qwen/Qwen3-VL-4B-Instruct --image a.jpg --image b.jpg \\
       --prompt "What differs?" --mask-mode both --num-tokens 3 --layers 0-5,20
   maskvl sweep --model ./my-checkpoint --prompt "Explain RoPE" --dtype float64 --csv
+  maskvl sweep --model ./my-checkpoint --image flag.png --prompt "What color?" --logits --target-token " red"
 """
 
 
@@ -54,13 +55,19 @@ Examples:
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpp", "triton"]), default="auto",
               show_default=True, help="Kernels: triton on CUDA, the C++ extension on CPU, or plain PyTorch.")
 @click.option("--max-pixels", type=int, default=None, help="Cap on the resized image size in pixels.")
+@click.option("--logits", is_flag=True, help="Add the Logits variant: effect on the next-token distribution.")
+@click.option("--knockout-window", type=int, default=1, show_default=True,
+              help="With --logits: remove the key at layers L..L+k-1.")
+@click.option("--target-token", default=None,
+              help="With --logits: token (text or id) whose probability change is reported (default: greedy).")
 @click.option("--output", "-o", default=None, help="Output Parquet path (default: maskvl-out/<slug>.parquet).")
 @click.option("--csv", is_flag=True, help="Also write a CSV beside the Parquet file.")
 @click.option("--verbose", "-v", is_flag=True, help="Say more about loading and fallbacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_tokens: int, layers: str | None,
-          dtype: str | None, device: str | None, backend: str, max_pixels: int | None, output: str | None,
-          csv: bool, verbose: bool, quiet: bool) -> None:
+          dtype: str | None, device: str | None, backend: str, max_pixels: int | None, logits: bool,
+          knockout_window: int, target_token: str | None, output: str | None, csv: bool, verbose: bool,
+          quiet: bool) -> None:
     """Generate greedily and measure every masked token at every layer and step."""
     from .api import default_output, run_sweep
     from .engine import SweepConfig, parse_layers
@@ -75,7 +82,12 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_
         load_image(path)
     if mask_mode == "vision" and not images:
         raise MaskvlError("--mask-mode vision needs at least one --image")
-    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=parse_layers(layers), backend=backend)
+    if knockout_window < 1:
+        raise MaskvlError(f"--knockout-window must be at least 1 (got {knockout_window})")
+    if (target_token is not None or knockout_window != 1) and not logits:
+        raise MaskvlError("--target-token and --knockout-window need --logits")
+    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=parse_layers(layers), backend=backend,
+                         logits=logits, knockout_window=knockout_window)
     out = output or str(default_output(prompt))
 
     from .models import load_model, resolve_device, resolve_dtype
@@ -91,6 +103,9 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_
         hf_logging.disable_progress_bar()
     adapter = load_model(model, dt, dev, verbose=verbose)
     config.validate(adapter.num_layers)
+    from .api import resolve_target_token
+
+    config.target_token = resolve_target_token(adapter, target_token)
 
     bar: Any = None
     if not quiet:

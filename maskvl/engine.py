@@ -39,8 +39,14 @@ class SweepConfig:
     num_tokens: int = 1
     layers: list[int] | None = None
     backend: str = "auto"
+    logits: bool = False
+    knockout_window: int = 1
+    target_token: int | None = None
+    max_batch_rows: int = 4096
 
     def validate(self, num_layers: int) -> list[int]:
+        if self.knockout_window < 1:
+            raise InputError(f"--knockout-window must be at least 1 (got {self.knockout_window})")
         if self.mask_mode not in MASK_MODES:
             raise InputError(f"unknown mask mode {self.mask_mode!r} (choose from {', '.join(MASK_MODES)})")
         if self.num_tokens < 1:
@@ -79,13 +85,16 @@ def parse_layers(spec: str | None) -> list[int] | None:
 class LayerResult:
     """All variants of one layer at one step, for the masked positions ``positions [P]``.
 
-    ``l2`` and ``cos`` are ``[V, P]`` with variants in :func:`maskvl.measures.variant_names` order.
+    ``l2`` and ``cos`` are ``[V, P]`` with variants in :func:`maskvl.measures.variant_names` order;
+    with the Logits measure, ``kl`` and ``tpd`` are ``[V, P]`` too, NaN except on the Logits row.
     """
 
     layer: int
     positions: np.ndarray
     l2: np.ndarray
     cos: np.ndarray
+    kl: np.ndarray | None = None
+    tpd: np.ndarray | None = None
 
 
 @dataclass
@@ -119,6 +128,18 @@ def mask_positions(is_image: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.nonzero(sel).flatten()
 
 
+@dataclass
+class _LogitsBatch:
+    """The rows of one starting layer on their way to the LM head: row 0 clean, then one per masked key.
+
+    ``exclude [1 + P]`` is each row's masked key (-1 for the clean row), used inside the knockout window.
+    """
+
+    start: int
+    h: torch.Tensor
+    exclude: torch.Tensor
+
+
 class Engine:
     """Runs sweeps for one loaded model with one backend."""
 
@@ -140,8 +161,13 @@ class Engine:
             self._wo[layer] = self.adapter.o_proj_weight(layer).to(self.cd)
         return self._wo[layer]
 
-    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor) -> LayerResult:
-        """Every variant of ``layer`` for every masked position in ``positions [P]``."""
+    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor
+                      ) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
+        """Every variant of ``layer`` for every masked position in ``positions [P]``.
+
+        Also returns the clean layer update ``[d]`` and the masked updates' deltas ``[P, d]`` (the
+        Logits measure continues from them).
+        """
         a = self.adapter
         cd = self.cd
         k, v = a.kv(cache, layer)  # [T, KV, D]
@@ -163,7 +189,46 @@ class Engine:
         l2_head, cos_head = self.backend.head_distances(o, delta, self._gram(layer))  # [P, H]
         l2 = torch.cat([l2_full.unsqueeze(0), l2_attn.unsqueeze(0), l2_head.T], 0)
         cos = torch.cat([cos_full.unsqueeze(0), cos_attn.unsqueeze(0), cos_head.T], 0)
-        return LayerResult(layer, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
+        return LayerResult(layer, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy()), full_clean, full_delta
+
+    def _propagate(self, layer: int, batches: list["_LogitsBatch"], cap: Capture, cache: Any, seq_len: int,
+                   window: int, max_rows: int) -> None:
+        """Run every started batch's rows through ``layer`` (single-position decode against the clean prefix)."""
+        a = self.adapter
+        k, v = a.kv(cache, layer)
+        T = seq_len - 1
+        k_pre, v_pre = k[:T], v[:T]
+        rows = torch.cat([b.h for b in batches])
+        # Rows still inside their knockout window leave their key out here too (the final position's
+        # own key, p == T, is the own row of the decode attention).
+        exclude = torch.cat([b.exclude if layer - b.start < window else torch.full_like(b.exclude, -1)
+                             for b in batches]).to(rows.device)
+        out = torch.cat([
+            a.replay_layer(layer, rows[i:i + max_rows], cap.rope, k_pre, v_pre, exclude[i:i + max_rows],
+                           self.backend.decode_attention, self.cd)
+            for i in range(0, rows.shape[0], max_rows)
+        ])
+        i = 0
+        for b in batches:
+            n = b.h.shape[0]
+            b.h = out[i:i + n]
+            i += n
+
+    def _finish_logits(self, batches: list["_LogitsBatch"], results: dict[int, LayerResult], target: int,
+                       max_rows: int) -> None:
+        """Final norm + LM head for every batch; append the Logits row to each layer's result."""
+        for b in batches:
+            logits = torch.cat([self.adapter.final_logits(b.h[i:i + max_rows], self.cd)
+                                for i in range(0, b.h.shape[0], max_rows)])
+            clean, masked = logits[0], logits[1:]
+            l2, cos = self.backend.vector_distances(clean, masked - clean)
+            kl, tpd = measures.logits_effects(clean, masked, target)
+            lr = results[b.start]
+            nan = np.full((lr.l2.shape[0], lr.l2.shape[1]), np.nan)
+            lr.l2 = np.concatenate([lr.l2, l2.cpu().numpy()[None]])
+            lr.cos = np.concatenate([lr.cos, cos.cpu().numpy()[None]])
+            lr.kl = np.concatenate([nan, kl.cpu().numpy()[None]])
+            lr.tpd = np.concatenate([nan, tpd.cpu().numpy()[None]])
 
     def run(self, prepared: Prepared, config: SweepConfig,
             on_layer: Callable[[int, int], None] | None = None) -> Iterator[StepResult]:
@@ -184,14 +249,32 @@ class Engine:
             t0 = time.perf_counter()
             cap = a.prefill(prepared, cache) if step == 0 else a.decode(token, cache)
             positions = mask_positions(is_image, config.mask_mode)
-            results = []
+            results: dict[int, LayerResult] = {}
+            batches: list[_LogitsBatch] = []
+            measured = set(layers)
+            token = int(cap.logits.argmax())
             with torch.no_grad():
-                for layer in layers:
-                    results.append(self.measure_layer(cap, cache, layer, positions))
+                for layer in range(layers[0], a.num_layers if config.logits else layers[-1] + 1):
+                    if batches:
+                        self._propagate(layer, batches, cap, cache, seq_len, config.knockout_window,
+                                        config.max_batch_rows)
+                    if layer not in measured:
+                        continue
+                    lr, full_clean, full_delta = self.measure_layer(cap, cache, layer, positions)
+                    results[layer] = lr
+                    if config.logits:
+                        # Row 0 is this layer's clean output, replayed through the same arithmetic as
+                        # the masked rows so that their difference is only the masking.
+                        out = cap.x[layer].to(self.cd) + full_clean
+                        h = torch.cat([out.unsqueeze(0), out.unsqueeze(0) + full_delta])
+                        ex = torch.cat([torch.tensor([-1]), positions.cpu()])
+                        batches.append(_LogitsBatch(layer, h, ex))
                     if on_layer is not None:
                         on_layer(step, layer)
-            token = int(cap.logits.argmax())
-            yield StepResult(step, seq_len, results, token, time.perf_counter() - t0)
+                if config.logits:
+                    target = config.target_token if config.target_token is not None else token
+                    self._finish_logits(batches, results, target, config.max_batch_rows)
+            yield StepResult(step, seq_len, [results[layer] for layer in layers], token, time.perf_counter() - t0)
             if token in stops:
                 break
             is_image = torch.cat([is_image, torch.zeros(1, dtype=torch.bool)])

@@ -103,13 +103,17 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
     ft = np.float64 if float64 else np.float32
     V = len(variants)
     layer_col, pos_col, var_col, l2_col, cos_col = [], [], [], [], []
+    if extra is None and any(getattr(lr, "kl", None) is not None for lr in layer_results):
+        extra = {
+            "kl_divergence": np.concatenate([np.asarray(lr.kl, ft).reshape(-1) for lr in layer_results]),
+            "target_prob_delta": np.concatenate([np.asarray(lr.tpd, ft).reshape(-1) for lr in layer_results]),
+        }
     for lr in layer_results:
         P = len(lr.positions)
         n_var = lr.l2.shape[0]
         layer_col.append(np.full(n_var * P, lr.layer, np.int32))
         pos_col.append(np.tile(np.asarray(lr.positions, np.int32), n_var))
-        var_col.append(np.repeat(np.asarray(lr.variant_index if hasattr(lr, "variant_index") else np.arange(n_var),
-                                            np.int16), P))
+        var_col.append(np.repeat(np.arange(n_var, dtype=np.int16), P))
         l2_col.append(np.asarray(lr.l2, ft).reshape(-1))
         cos_col.append(np.asarray(lr.cos, ft).reshape(-1))
     positions = np.concatenate(pos_col) if pos_col else np.zeros(0, np.int32)
@@ -145,7 +149,8 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
         "kl_divergence": opt("kl_divergence"),
         "target_prob_delta": opt("target_prob_delta"),
     }
-    assert V == len(variants)
+    if any(lr.l2.shape[0] != V for lr in layer_results):
+        raise ValueError(f"layer results carry a different number of variants than the {V} named")
     return pa.Table.from_pydict(cols, schema=schema(float64))
 
 

@@ -131,6 +131,24 @@ def distances_from_moments(
     return l2, cos
 
 
+def logits_effects(clean: torch.Tensor, masked: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL divergence and target-probability change of masked next-token distributions.
+
+    Args:
+        clean: ``[V]`` clean logits; masked: ``[B, V]`` masked logits (both in the compute dtype).
+        target: the token t whose probability change is reported.
+
+    Returns:
+        ``kl [B]`` = ``sum_v p_c(v) (log p_c(v) - log p_m(v))`` (nats) and
+        ``target_prob_delta [B]`` = ``p_c(t) - p_m(t)``.
+    """
+    lc = torch.log_softmax(clean, dim=-1)
+    lm = torch.log_softmax(masked, dim=-1)
+    kl = (lc.exp().unsqueeze(0) * (lc.unsqueeze(0) - lm)).sum(-1).clamp_min(0)
+    tpd = lc[target].exp() - lm[:, target].exp()
+    return kl, tpd
+
+
 def vector_distances_direct(clean: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances between explicit vectors ``clean [..., N]`` and ``masked [..., N]`` (the naive path).
 

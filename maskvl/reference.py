@@ -40,7 +40,7 @@ def _knockout_attention(module, query, key, value, attention_mask, scaling=None,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     target = getattr(_target, "value", None)
-    if target is None or module.layer_idx != target[0]:
+    if target is None or module.layer_idx not in target[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     p = target[1]
@@ -74,13 +74,19 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def knockout(adapter: ModelAdapter, layer: int | None, position: int | None) -> Iterator[None]:
-    """Within the block, the model's decoder attention removes ``position`` for the final query at ``layer``."""
+def knockout(adapter: ModelAdapter, layers: Any, position: int | None) -> Iterator[None]:
+    """Within the block, the decoder attention removes ``position`` for the final query at ``layers``.
+
+    ``layers`` is a layer index or a collection of them (the Logits measure's knockout window).
+    """
     _register()
     cfg = adapter.attention_config()
     before = cfg._attn_implementation
     cfg._attn_implementation = KNOCKOUT_ATTN
-    _target.value = None if layer is None else (layer, position)
+    if layers is None:
+        _target.value = None
+    else:
+        _target.value = (frozenset([layers] if isinstance(layers, int) else layers), position)
     try:
         yield
     finally:
@@ -97,7 +103,7 @@ class _Vectors:
 
 
 def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[int], layers: list[int],
-                     target: tuple[int, int] | None) -> dict[int, _Vectors]:
+                     target: tuple[Any, int] | None) -> dict[int, _Vectors]:
     """One full forward (with the knockout ``target`` if given); the final position's vectors per layer."""
     cd = measures.compute_dtype(adapter.dtype)
     store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
@@ -153,11 +159,23 @@ class ReferenceStep:
     logits_clean: torch.Tensor
     logits_masked: dict[int, torch.Tensor]  # layer -> [P, V]
 
+    def logits_measures(self, layer: int, target: int | None = None) -> dict[str, np.ndarray]:
+        """``l2``, ``cos``, ``kl``, ``tpd`` ``[P]`` of the Logits variant at ``layer`` (target: greedy token)."""
+        t = self.generated_id if target is None else target
+        m = self.logits_masked[layer]
+        l2, cos = measures.vector_distances_direct(self.logits_clean.expand_as(m), m)
+        kl, tpd = measures.logits_effects(self.logits_clean, m, t)
+        return {k: x.cpu().numpy() for k, x in (("l2", l2), ("cos", cos), ("kl", kl), ("tpd", tpd))}
+
 
 @torch.no_grad()
 def reference_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "text", num_tokens: int = 1,
-                    layers: list[int] | None = None) -> list[ReferenceStep]:
-    """The naive method: a full masked forward per (step, layer, masked position)."""
+                    layers: list[int] | None = None, knockout_window: int = 1) -> list[ReferenceStep]:
+    """The naive method: a full masked forward per (step, layer, masked position).
+
+    With ``knockout_window`` k the key is removed at layers L..L+k-1 (the Logits measure's window);
+    layer L's own vectors do not depend on later layers, so Full/Attn/Head stay the single-layer ones.
+    """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mask_mode!r}")
     layers = list(range(adapter.num_layers)) if layers is None else layers
@@ -175,7 +193,8 @@ def reference_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = 
             rows_l2, rows_cos, rows_logits = [], [], []
             c = clean[layer]
             for p in positions:
-                m = _capture_forward(adapter, prepared, generated, [layer], (layer, p))[layer]
+                window = range(layer, min(layer + knockout_window, adapter.num_layers))
+                m = _capture_forward(adapter, prepared, generated, [layer], (window, p))[layer]
                 pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h]) for h in range(adapter.num_heads)]
                 d = [measures.vector_distances_direct(a, b) for a, b in pairs]
                 rows_l2.append(torch.stack([x[0] for x in d]))

@@ -63,12 +63,14 @@ class Capture:
         x: per layer, the decoder layer's input at the final position, ``[d_model]`` (model dtype).
         q: per layer, the final position's query after q_norm and RoPE, ``[H, D]`` (model dtype).
         logits: the next-token logits at the final position, ``[V]``.
+        rope: the final position's rotary ``(cos, sin)``, ``[D]`` each (model dtype).
     Keys and values of every position are read from the KV cache with :meth:`ModelAdapter.kv`.
     """
 
     x: list[torch.Tensor]
     q: list[torch.Tensor]
     logits: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ModelAdapter:
@@ -113,4 +115,18 @@ class ModelAdapter:
 
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The layer's MLP branch for residual rows ``h [N, d_model]`` (norm + MLP), in ``dtype``."""
+        raise NotImplementedError
+
+    def replay_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     k_prefix: torch.Tensor, v_prefix: torch.Tensor, exclude: torch.Tensor,
+                     attend: Any, dtype: torch.dtype) -> torch.Tensor:
+        """One decoder layer for B single-position rows ``h [B, d_model]`` at the final position.
+
+        Attention runs through ``attend(q [B,H,D], k_prefix, v_prefix, k_own [B,KV,D], v_own, scale,
+        exclude [B])`` against the shared clean prefix ``[T, KV, D]``. Returns ``[B, d_model]``.
+        """
+        raise NotImplementedError
+
+    def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Final norm and LM head for rows ``h [B, d_model]``: ``[B, V]``."""
         raise NotImplementedError

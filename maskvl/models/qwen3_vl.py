@@ -200,7 +200,7 @@ class Qwen3VLAdapter(ModelAdapter):
         for q, (cos, sin) in zip(qs, rope):
             # The model's apply_rotary_pos_emb on the final row: q * cos + rotate_half(q) * sin.
             q_rot.append((q * cos) + (_rotate_half(q) * sin))
-        return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach())
+        return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0])
 
     def prefill(self, prepared: Prepared, cache) -> Capture:
         # rope_deltas is state the model keeps between calls; a stale value from an earlier prompt
@@ -259,6 +259,29 @@ class Qwen3VLAdapter(ModelAdapter):
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lay = self.layers[layer]
         return self._run(lay.mlp, self._run(lay.post_attention_layernorm, h, dtype), dtype)
+
+    def replay_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     k_prefix: torch.Tensor, v_prefix: torch.Tensor, exclude: torch.Tensor,
+                     attend: Any, dtype: torch.dtype) -> torch.Tensor:
+        # Qwen3VLTextDecoderLayer.forward for one position per row, with the KV cache's prefix shared
+        # by all rows: input norm, q/k/v projections, per-head q/k RMSNorm, MRoPE, attention, o_proj,
+        # residual, post-attention norm, MLP, residual.
+        lay = self.layers[layer]
+        at = lay.self_attn
+        B = h.shape[0]
+        x = self._run(lay.input_layernorm, h, dtype)
+        q = self._run(at.q_norm, self._run(at.q_proj, x, dtype).view(B, self.num_heads, self.head_dim), dtype)
+        k = self._run(at.k_norm, self._run(at.k_proj, x, dtype).view(B, self.num_kv_heads, self.head_dim), dtype)
+        v = self._run(at.v_proj, x, dtype).view(B, self.num_kv_heads, self.head_dim)
+        cos, sin = (t.to(dtype) for t in rope)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        o = attend(q, k_prefix, v_prefix, k, v, self.scale, exclude).to(dtype)
+        h = h.to(dtype) + self._run(at.o_proj, o.reshape(B, -1), dtype)
+        return h + self.post_attention(layer, h, dtype)
+
+    def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._run(self.model.lm_head, self._run(self.text_model.norm, h, dtype), dtype)
 
 
 def load_qwen3_vl(path: str, model_id: str, dtype: torch.dtype, device: torch.device,
