@@ -13,7 +13,7 @@ npx esbuild entry.js \
   --global-name=hyparquet \
   --target=es2020 \
   --platform=browser \
-  --minify \
+  --minify-whitespace --minify-syntax \
   --legal-comments=inline \
   --banner:js="/* hyparquet $(node -p "JSON.parse(require('fs').readFileSync('node_modules/hyparquet/package.json')).version") (MIT, see LICENSE-hyparquet) + fzstd $(node -p "JSON.parse(require('fs').readFileSync('node_modules/fzstd/package.json')).version") (MIT, see LICENSE-fzstd); built by viewer/vendor/build.sh */" \
   --outfile=hyparquet.js
