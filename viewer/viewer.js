@@ -12,7 +12,7 @@
  *    draws image grids on canvas (one pixel per cell, scaled up) and updates
  *    reused text-token chips.
  *  - Safety: file-controlled strings (tokens, prompts, metadata) only ever go
- *    through textContent / createElement, never innerHTML.
+ *    through textContent / createElement, never through HTML parsing.
  */
 (function () {
   'use strict';
@@ -172,7 +172,7 @@
   }
 
   /** Read a numeric column into `out` (typed array); nulls become `nullValue`. */
-  function readNumeric(buf, md, name, out, nullValue) {
+  function readNumeric(buf, md, name, out, nullValue, groups) {
     let dict = null;
     hyparquet.scanFlatColumn(buf, md, name, {
       dictionary(d) {
@@ -196,7 +196,7 @@
           for (let i = 0; i < count; i++) out[row0 + i] = vals[i] === null || vals[i] === undefined ? nullValue : Number(vals[i]);
         }
       },
-    });
+    }, hyparquet.compressors, groups || null);
     return out;
   }
 
@@ -248,7 +248,6 @@
     let step, layer, variant, prompt, tok;
     const pos = new Int32Array(n);
     const l2 = new Float32Array(n);
-    const cos = new Float32Array(n);
     try {
       step = readCategorical(buf, md, 'generation_step', n);
       layer = readCategorical(buf, md, 'layer', n);
@@ -256,7 +255,6 @@
       prompt = colNames.has('prompt_name') ? readCategorical(buf, md, 'prompt_name', n) : null;
       readNumeric(buf, md, 'token_position', pos, -1);
       readNumeric(buf, md, 'l2_distance', l2, NaN);
-      readNumeric(buf, md, 'cosine_distance', cos, NaN);
       tok = metaTokens ? null : readCategorical(buf, md, 'token_masked', n);
     } catch (e) {
       if (e instanceof UserError) throw e;
@@ -354,24 +352,62 @@
     tIndex = performance.now() - tIndex;
 
     const optional = ['kl_divergence', 'target_prob_delta'].filter((c) => colNames.has(c));
+    // The first view needs only l2_distance; the other metric columns are read
+    // after the first render, one row group per task (see loadInBackground),
+    // or at once when a key asks for one before that finished.
+    const pending = {};
+    for (const c of ['cosine_distance'].concat(optional)) pending[c] = { out: new Float32Array(n), next: 0 };
     return {
       fileName, buf, md, meta, n, pos, perm, offsets,
       steps: stepS.values, layers: layerS.values, variants: varS.values, prompts,
       S, L, V, P,
-      columns: { l2_distance: l2, cosine_distance: cos },
-      optional, // read on first use
+      columns: { l2_distance: l2 },
+      optional, pending,
       hasConfigPrompt: colNames.has('config_prompt'),
       timings: { read: tRead, index: tIndex, parse: performance.now() - t0 },
     };
   }
 
-  /** Metric column, reading optional ones (kl, tpd) on first use. */
-  function metricColumn(ds, metric) {
-    if (!ds.columns[metric]) {
-      if (!ds.optional.includes(metric)) return null;
-      ds.columns[metric] = readNumeric(ds.buf, ds.md, metric, new Float32Array(ds.n), NaN);
+  /** Read the next row group of a pending metric column; true when the column is complete. */
+  function readPendingGroup(d, metric) {
+    const p = d.pending[metric];
+    try {
+      readNumeric(d.buf, d.md, metric, p.out, NaN, [p.next]);
+    } catch (e) {
+      delete d.pending[metric];
+      throw new UserError(`Could not decode column ${metric}: ${e.message}`);
     }
-    return ds.columns[metric];
+    p.next++;
+    if (p.next < d.md.row_groups.length) return false;
+    d.columns[metric] = p.out;
+    delete d.pending[metric];
+    return true;
+  }
+
+  /** Metric column; finishes reading it now if the background read has not. */
+  function metricColumn(d, metric) {
+    if (!d.columns[metric]) {
+      if (!d.pending[metric]) return null;
+      while (!readPendingGroup(d, metric));
+    }
+    return d.columns[metric];
+  }
+
+  /** Read the pending metric columns one row group per task, keeping the page responsive. */
+  function loadInBackground(d) {
+    const step = () => {
+      if (d !== ds) return; // another file was opened
+      const name = Object.keys(d.pending)[0];
+      if (!name) {
+        perf.backgroundDone = true;
+        if (perf.load) perf.load.allColumnsMs = performance.now() - perf.load.t0;
+        return;
+      }
+      try { readPendingGroup(d, name); } catch (e) { showError(e.message); return; }
+      setTimeout(step, 0);
+    };
+    perf.backgroundDone = false;
+    setTimeout(step, 0);
   }
 
   /** Prompt text of a prototype file (config_prompt of the prompt's first row). */
@@ -469,7 +505,7 @@
   let layout = null;
   const imagesLoaded = []; // index -> HTMLImageElement (overlay)
   const views = { a: null, b: null };
-  const perf = { lastRenderMs: 0, renders: 0, load: null };
+  const perf = { lastRenderMs: 0, renders: 0, load: null, backgroundDone: false };
 
   // ------------------------------------------------------------- view DOM
 
@@ -1376,10 +1412,11 @@
     hashWriteEnabled = true;
     writeHash();
     const now = performance.now();
-    perf.load = { ok: true, totalMs: now - t0, parseMs: ds.timings.parse, readMs: ds.timings.read, indexMs: ds.timings.index, renderMs: now - tr, rows: ds.n };
+    perf.load = { ok: true, t0, totalMs: now - t0, parseMs: ds.timings.parse, readMs: ds.timings.read, indexMs: ds.timings.index, renderMs: now - tr, rows: ds.n };
     $('load-info').textContent = `${ds.n.toLocaleString('en-US')} rows · ${ds.L} layers · ${ds.S} steps · ${ds.V} variants · opened in ${Math.round(perf.load.totalMs)} ms`;
     if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
-    // cosmetic extras after the first paint
+    // after the first paint: the other metric columns, then cosmetic extras
+    loadInBackground(ds);
     loadPromptTexts(ds).then(() => { if (ds === next) updateStatus(1); });
     return true;
   }
@@ -1447,6 +1484,15 @@
     get dataset() { return ds; },
     get layout() { return layout; },
     render, statusText: () => (ds ? statusText() : ''),
+    /** Values of the main view as plain arrays (null where a cell has no value). */
+    currentValues() {
+      const plain = (a) => Array.from(a, (x) => (Number.isFinite(x) ? x : null));
+      return {
+        image: plain(views.a.imageVals), text: plain(views.a.textVals), textPositions: layout.textPositions.slice(),
+        images: layout.images.map((im) => ({ rows: im.rows, cols: im.cols, start: im.start, count: im.count, cellBase: im.cellBase })),
+      };
+    },
+    imagesLoaded: () => imagesLoaded.map((x) => !!x),
   };
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);

@@ -41,8 +41,9 @@ export const compressors = {
  * @param {string} name top-level column name
  * @param {object} sink see above
  * @param {object} [codecs] decompressors (defaults to `compressors`)
+ * @param {number[]} [groups] read only these row groups (default: all)
  */
-export function scanFlatColumn(file, metadata, name, sink, codecs = compressors) {
+export function scanFlatColumn(file, metadata, name, sink, codecs = compressors, groups = null) {
   const schemaPath = getSchemaPath(metadata.schema, [name])
   if (schemaPath.length !== 2 || getMaxRepetitionLevel(schemaPath)) {
     throw new Error(`column ${name} is nested; only flat columns are supported`)
@@ -50,8 +51,10 @@ export function scanFlatColumn(file, metadata, name, sink, codecs = compressors)
   const element = schemaPath[1].element
   const maxDef = getMaxDefinitionLevel(schemaPath)
   let groupStart = 0
-  for (const rg of metadata.row_groups) {
+  for (let g = 0; g < metadata.row_groups.length; g++) {
+    const rg = metadata.row_groups[g]
     const groupRows = Number(rg.num_rows)
+    if (groups && !groups.includes(g)) { groupStart += groupRows; continue }
     const chunk = rg.columns.find(c => c.meta_data && c.meta_data.path_in_schema.length === 1 &&
       c.meta_data.path_in_schema[0] === name)
     if (!chunk) throw new Error(`column ${name} missing from a row group`)
