@@ -14,6 +14,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,8 +28,22 @@ def _version() -> str:
     return ns["__version__"]
 
 
+class BuildPyWithViewer(build_py):
+    """Ship the static viewer (top-level viewer/) inside the package as maskvl/_viewer."""
+
+    def run(self) -> None:
+        super().run()
+        import shutil
+
+        src = os.path.join(HERE, "viewer")
+        dst = os.path.join(self.build_lib, "maskvl", "_viewer")
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("node_modules", "package-lock.json", "entry.js"))
+
+
 ext_modules = []
-cmdclass = {}
+cmdclass = {"build_py": BuildPyWithViewer}
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 if sources and os.environ.get("MASKVL_NO_EXT") != "1":
     try:
@@ -54,8 +69,6 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["maskvl", "maskvl.*", "kernels", "kernels.*"]),
-    package_data={"maskvl": ["viewer/*", "viewer/vendor/*"]},
-    include_package_data=True,
     install_requires=[
         # torch is not pinned here: GPU users bring their own build. The ranges are those run so far.
         "torch>=2.11,<2.14",

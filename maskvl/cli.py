@@ -140,6 +140,25 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_
     click.echo(f"output      {res.path}")
 
 
+@cli.command()
+@click.argument("parquet")
+@click.option("--image", "images", multiple=True,
+              help="Image to overlay (repeatable, in prompt order; default: the paths in the file's metadata).")
+@click.option("--output", "-o", default=None, help="HTML page to write (default: beside the Parquet file).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
+def view(parquet: str, images: tuple[str, ...], output: str | None, open_browser: bool) -> None:
+    """Write a self-contained HTML viewer page (viewer, data and images embedded)."""
+    from .view import ViewError, open_in_browser, write_page
+
+    try:
+        page = write_page(parquet, output, list(images) if images else None)
+    except ViewError as exc:
+        raise MaskvlError(str(exc)) from None
+    click.echo(str(page))
+    if open_browser and not open_in_browser(page):
+        click.echo("maskvl: could not open a browser; open the file above by hand", err=True)
+
+
 @cli.command("make-tiny-model")
 @click.argument("directory")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -24,7 +24,10 @@ __all__ = ["ViewError", "write_page", "open_in_browser", "VIEWER_DIR"]
 log = logging.getLogger(__name__)
 
 #: The static viewer's folder (repository layout: maskvl/ and viewer/ are siblings).
-VIEWER_DIR = pathlib.Path(__file__).resolve().parent.parent / "viewer"
+# The repository's viewer/ (source checkouts, editable installs); a wheel carries a copy in
+# maskvl/_viewer (setup.py's build_py puts it there).
+_PKG = pathlib.Path(__file__).resolve().parent
+VIEWER_DIR = _PKG.parent / "viewer" if (_PKG.parent / "viewer" / "index.html").is_file() else _PKG / "_viewer"
 
 # Tags of viewer/index.html that write_page replaces by inline content.
 _CSS_TAG = '<link rel="stylesheet" href="viewer.css">'
