@@ -54,7 +54,8 @@ def default_output(prompt: str, directory: str = "maskvl-out") -> Path:
 
 def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config: SweepConfig,
               output: str | os.PathLike | None = None, csv: bool = False, max_pixels: int | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> SweepOutcome:
+              on_progress: Callable[[int, int], None] | None = None,
+              on_note: Callable[[str], None] | None = None) -> SweepOutcome:
     """Prepare inputs, run the engine step by step, write Parquet as it goes; the shared core.
 
     ``images`` are paths or PIL images. ``on_progress(done, total)`` is called after each layer.
@@ -106,7 +107,7 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
             on_progress(done, total)
 
     try:
-        for res in engine.run(prepared, config, on_layer=on_layer):
+        for res in engine.run(prepared, config, on_layer=on_layer, on_note=on_note):
             table = io.rows_table(res.step, res.layers, tokens, variants, float64=float64)
             if sink is not None:
                 sink.write(table)

@@ -120,8 +120,12 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_
             bar.update(done - bar.n)
 
     try:
+        def note(text: str) -> None:
+            if bar is not None:
+                bar.write(f"maskvl: {text}", file=sys.stderr)
+
         res = run_sweep(adapter, list(images), prompt, config, output=out, csv=csv, max_pixels=max_pixels,
-                        on_progress=progress)
+                        on_progress=progress, on_note=note)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

@@ -231,10 +231,12 @@ class Engine:
             lr.tpd = np.concatenate([nan, tpd.cpu().numpy()[None]])
 
     def run(self, prepared: Prepared, config: SweepConfig,
-            on_layer: Callable[[int, int], None] | None = None) -> Iterator[StepResult]:
+            on_layer: Callable[[int, int], None] | None = None,
+            on_note: Callable[[str], None] | None = None) -> Iterator[StepResult]:
         """Generate greedily and yield one :class:`StepResult` per step (stops at a stop token).
 
-        ``on_layer(step, layer)`` is called after each measured layer (progress reporting).
+        ``on_layer(step, layer)`` is called after each measured layer (progress reporting);
+        ``on_note(text)`` receives remarks worth showing a user (e.g. that the Logits batch is chunked).
         """
         a = self.adapter
         layers = config.validate(a.num_layers)
@@ -249,6 +251,11 @@ class Engine:
             t0 = time.perf_counter()
             cap = a.prefill(prepared, cache) if step == 0 else a.decode(token, cache)
             positions = mask_positions(is_image, config.mask_mode)
+            if config.logits and on_note is not None:
+                rows = len(layers) * (len(positions) + 1)
+                if rows > config.max_batch_rows:
+                    on_note(f"step {step}: Logits runs up to {rows} rows per layer in chunks of "
+                            f"{config.max_batch_rows}")
             results: dict[int, LayerResult] = {}
             batches: list[_LogitsBatch] = []
             measured = set(layers)

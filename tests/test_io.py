@@ -85,3 +85,29 @@ def test_float64_run_stores_float64(adapter64, images, tmp_path):
     t = pq.read_table(out)
     assert str(t.schema.field("l2_distance").type) == "double"
     assert np.isfinite(t.column("l2_distance").to_numpy()).all()
+
+
+def test_api_with_loaded_transformers_objects(adapter32, images):
+    """maskvl.sweep takes a loaded model + tokenizer + image processor, not only an id."""
+    import maskvl
+
+    a = adapter32
+    t = maskvl.sweep(a.model, images=[str(images["wide"])], prompt="Hi", mask_mode="vision", layers="1",
+                     logits=True, tokenizer=a.tokenizer, image_processor=a.image_processor)
+    df = t.to_pandas()
+    assert set(df.layer) == {1} and set(df.token_kind) == {"image"}
+    assert df[df.variant == "Logits"].kl_divergence.notna().all()
+    md = __import__("json").loads(t.schema.metadata[b"maskvl"])
+    assert md["variants"][-1] == "Logits" and md["complete"]
+
+
+def test_logits_chunking_is_announced(adapter32, images):
+    from maskvl.engine import Engine
+
+    notes = []
+    prep = adapter32.prepare("Hi", [], [])
+    cfg = SweepConfig(mask_mode="both", logits=True, max_batch_rows=8)
+    small = list(Engine(adapter32, "reference").run(prep, cfg, on_note=notes.append))
+    big = list(Engine(adapter32, "reference").run(prep, SweepConfig(mask_mode="both", logits=True)))
+    assert notes and "chunks of 8" in notes[0]
+    np.testing.assert_allclose(small[0].layers[0].l2, big[0].layers[0].l2, rtol=1e-5)
