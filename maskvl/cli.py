@@ -176,6 +176,8 @@ def info() -> None:
 
 from .batch import batch_command  # noqa: E402
 cli.add_command(batch_command, "batch")
+from .render import render_command  # noqa: E402
+cli.add_command(render_command, "render")
 
 
 def main(argv: list[str] | None = None) -> None:
