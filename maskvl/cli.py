@@ -212,6 +212,12 @@ def info() -> None:
         click.echo(f"backend {name:<9} {'available' if why is None else 'unavailable: ' + why}")
 
 
+from .batch import batch_command  # noqa: E402
+cli.add_command(batch_command, "batch")
+from .render import render_command  # noqa: E402
+cli.add_command(render_command, "render")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click with one-line errors instead of usage dumps and tracebacks."""
     if os.environ.get("MASKVL_LOG") or "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):

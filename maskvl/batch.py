@@ -1,0 +1,565 @@
+"""``maskvl batch JOBS.yaml --output-dir DIR``: many sweeps over one loaded model, resumable.
+
+The jobs file (read with ``yaml.safe_load``)::
+
+    model: Qwen/Qwen3-VL-4B-Instruct      # loaded once for every job
+    defaults:                             # any sweep option; jobs may override all but dtype/device
+      mask_mode: both
+      num_tokens: 2
+      dtype: bfloat16
+    jobs:
+      - name: cat                         # the output is DIR/cat.parquet
+        image: images/cat.png             # relative to this file's folder
+        prompt: What is in the image?
+      - name: two
+        images: [a.png, b.png]
+        prompt: What differs?
+        layers: 0-5,20
+      - name: text-only
+        prompt: Explain RoPE.
+        mask_mode: text
+
+Resume rules. Each job's output is published atomically by :class:`maskvl.io.ParquetSink` (hidden temp
+file, then ``os.replace``), so a final name only ever holds a complete file. A rerun skips a job whose
+file says ``complete: true`` and whose recorded parameters (model, dtype, prompt, mask mode, number of
+steps, layers, image paths) match the job and whose images are not newer than the file; every other job
+is redone from scratch, replacing any ``.partial.parquet`` left by an interrupted or failed attempt.
+Temp files of a killed run are removed when the next run starts.
+
+Failures. Problems with the jobs file itself (not a mapping, unknown keys, missing or duplicate names,
+bad option values) end the command with exit code 2 before the model loads. Problems that only show when
+a job runs (an unreadable image, a prompt longer than the model's positions, ...) fail that job only;
+the other jobs run, and the command exits 1 after the summary.
+
+Sharding. Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) job ``i`` runs on rank
+``i % WORLD_SIZE``; each rank loads the model on its own GPU (``cuda:LOCAL_RANK``) or the CPU, writes to
+the shared output directory, and rank 0 prints the summary of all ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import InputError, MaskvlError
+
+MASK_MODES = ("text", "vision", "both")
+BACKENDS = ("auto", "reference", "cpp", "triton")
+TOP_KEYS = ("model", "defaults", "jobs")
+SWEEP_KEYS = ("mask_mode", "num_tokens", "dtype", "device", "layers", "backend", "max_pixels", "csv")
+# The model loads once, so what it loads with cannot vary per job.
+MODEL_KEYS = ("dtype", "device")
+JOB_KEYS = ("name", "image", "images", "prompt") + tuple(k for k in SWEEP_KEYS if k not in MODEL_KEYS)
+
+# A job name becomes a file name: no separators, no leading dot (hidden temp files start with one), and
+# no ``.partial`` suffix, which would collide with another job's partial file.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+# The final barrier waits for the slowest rank; gloo/nccl's 30-minute default would kill long batches.
+DIST_TIMEOUT = datetime.timedelta(hours=float(os.environ.get("MASKVL_DIST_TIMEOUT_HOURS", "168")))
+
+
+# ------------------------------------------------------------------------------------------ jobs file
+@dataclass(frozen=True)
+class Job:
+    """One sweep of a batch, with every option resolved (defaults applied, paths absolute)."""
+
+    index: int
+    name: str
+    prompt: str
+    images: tuple[str, ...] = ()
+    mask_mode: str = "text"
+    num_tokens: int = 1
+    layers: tuple[int, ...] | None = None
+    backend: str = "auto"
+    max_pixels: int | None = None
+    csv: bool = False
+
+
+@dataclass
+class BatchSpec:
+    """A parsed, validated jobs file."""
+
+    source: Path
+    model: str
+    dtype: str | None
+    device: str | None
+    jobs: list[Job]
+
+
+def _where(source: Path, context: str) -> str:
+    return f"{source.name}: {context}" if context else source.name
+
+
+def _check_keys(mapping: dict[Any, Any], allowed: tuple[str, ...], source: Path, context: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise InputError(f"{_where(source, context)}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+
+
+def _sweep_options(raw: dict[str, Any], source: Path, context: str) -> dict[str, Any]:
+    """Type- and value-check the sweep options present in ``raw``; returns them normalised."""
+    from .engine import parse_layers
+
+    where = _where(source, context)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SWEEP_KEYS:
+            continue
+        if key == "mask_mode":
+            if value not in MASK_MODES:
+                raise InputError(f"{where}: unknown mask_mode {value!r} (choose from {', '.join(MASK_MODES)})")
+        elif key == "backend":
+            if value not in BACKENDS:
+                raise InputError(f"{where}: unknown backend {value!r} (choose from {', '.join(BACKENDS)})")
+        elif key == "num_tokens":
+            # bool is an int subclass; `num_tokens: yes` is a mistake, not 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{where}: num_tokens must be an integer of at least 1 (got {value!r})")
+        elif key == "max_pixels":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InputError(f"{where}: max_pixels must be a positive integer (got {value!r})")
+        elif key == "csv":
+            if not isinstance(value, bool):
+                raise InputError(f"{where}: csv must be true or false (got {value!r})")
+        elif key in ("dtype", "device"):
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{where}: {key} must be a string (got {value!r})")
+        elif key == "layers":
+            if value is None:
+                pass
+            elif isinstance(value, bool):
+                raise InputError(f"{where}: layers must be like 0-5,20 or a list of integers (got {value!r})")
+            elif isinstance(value, int):
+                value = (value,)
+            elif isinstance(value, str):
+                try:
+                    parsed = parse_layers(value)
+                except InputError as exc:
+                    raise InputError(f"{where}: {exc}") from None
+                value = tuple(parsed) if parsed is not None else None
+            elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                value = tuple(value)
+            else:
+                raise InputError(f"{where}: layers must be like 0-5,20 or a list of integers (got {value!r})")
+            if value is not None and not value:
+                raise InputError(f"{where}: layers is empty")
+        out[key] = value
+    return out
+
+
+def _job_images(raw: dict[str, Any], base: Path, where: str) -> tuple[str, ...]:
+    if "image" in raw and "images" in raw:
+        raise InputError(f"{where}: give either image or images, not both")
+    if "image" in raw:
+        items = [raw["image"]]
+    else:
+        items = raw.get("images") or []
+        if not isinstance(items, list):
+            raise InputError(f"{where}: images must be a list of paths")
+    paths = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise InputError(f"{where}: an image must be a path (got {item!r})")
+        p = Path(os.path.expanduser(item))
+        paths.append(os.path.abspath(p if p.is_absolute() else base / p))
+    return tuple(paths)
+
+
+def load_spec(path: str | os.PathLike) -> BatchSpec:
+    """Read and validate a jobs file; raises :class:`InputError` with a one-line message naming the problem."""
+    import yaml
+
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"jobs file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read jobs file {source}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{source.name}: not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source.name}: the jobs file must be a mapping with model and jobs "
+                         f"(got {type(data).__name__})")
+    _check_keys(data, TOP_KEYS, source, "")
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InputError(f"{source.name}: model is missing (a hub id, a directory, or builtin:tiny-qwen3-vl)")
+    base = source.resolve().parent
+    # A local directory named relative to the jobs file; hub ids and builtin: specs stay as written.
+    if not model.startswith("builtin:") and (base / os.path.expanduser(model)).is_dir():
+        model = str((base / os.path.expanduser(model)).resolve())
+    defaults_raw = data.get("defaults") or {}
+    if not isinstance(defaults_raw, dict):
+        raise InputError(f"{source.name}: defaults must be a mapping of sweep options")
+    _check_keys(defaults_raw, SWEEP_KEYS, source, "defaults")
+    defaults = _sweep_options(defaults_raw, source, "defaults")
+    jobs_raw = data.get("jobs")
+    if not isinstance(jobs_raw, list) or not jobs_raw:
+        raise InputError(f"{source.name}: jobs must be a non-empty list")
+    jobs: list[Job] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(jobs_raw):
+        context = f"jobs[{i}]"
+        if not isinstance(raw, dict):
+            raise InputError(f"{_where(source, context)}: a job must be a mapping (got {type(raw).__name__})")
+        name = raw.get("name")
+        if name is None:
+            raise InputError(f"{_where(source, context)}: the job has no name")
+        if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".partial"):
+            raise InputError(f"{_where(source, context)}: bad job name {name!r} (use letters, digits, _ . + -; "
+                             f"it becomes the file name)")
+        context = f"job {name!r}"
+        where = _where(source, context)
+        for key in MODEL_KEYS:
+            if key in raw:
+                raise InputError(f"{where}: {key} can only be set under defaults (the model loads once)")
+        _check_keys(raw, JOB_KEYS, source, context)
+        # Case-insensitive: on macOS/Windows file systems "Cat" and "cat" are the same file.
+        if name.casefold() in seen:
+            raise InputError(f"{where}: duplicate job name (also jobs[{seen[name.casefold()]}])")
+        seen[name.casefold()] = i
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: the prompt is missing or empty")
+        opts = {**defaults, **_sweep_options(raw, source, context)}
+        images = _job_images(raw, base, where)
+        mask_mode = opts.get("mask_mode", "text")
+        if mask_mode == "vision" and not images:
+            raise InputError(f"{where}: mask_mode vision needs at least one image")
+        jobs.append(Job(index=i, name=name, prompt=prompt, images=images, mask_mode=mask_mode,
+                        num_tokens=opts.get("num_tokens", 1), layers=opts.get("layers"),
+                        backend=opts.get("backend", "auto"), max_pixels=opts.get("max_pixels"),
+                        csv=opts.get("csv", False)))
+    return BatchSpec(source=source, model=model.strip(), dtype=defaults.get("dtype"), device=defaults.get("device"),
+                     jobs=jobs)
+
+
+# --------------------------------------------------------------------------------------- running
+@dataclass
+class JobResult:
+    """What happened to one job (picklable: ranks send these to rank 0)."""
+
+    name: str
+    index: int
+    status: str  # "done", "skipped" or "failed"
+    rows: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    rank: int = 0
+
+
+def output_path(out_dir: Path, job: Job) -> Path:
+    """Where a job's result goes."""
+    return out_dir / f"{job.name}.parquet"
+
+
+def _dtype_name(adapter: Any) -> str:
+    return str(adapter.dtype).replace("torch.", "")
+
+
+def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
+    """Rows of ``path`` if it holds this job's complete result; None if the job must be (re)done."""
+    import pyarrow.parquet as pq
+
+    from . import io
+    from .engine import SweepConfig
+
+    if not path.is_file():
+        return None
+    try:
+        md = io.read_metadata(path)
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # unreadable or foreign file under our name: redo it
+        return None
+    if not md or md.get("complete") is not True:
+        return None
+    layers = SweepConfig(mask_mode=job.mask_mode, num_tokens=job.num_tokens,
+                         layers=list(job.layers) if job.layers is not None else None).validate(adapter.num_layers)
+    expected = {"model": adapter.model_id, "dtype": _dtype_name(adapter), "prompt": job.prompt,
+                "mask_mode": job.mask_mode, "num_steps": job.num_tokens, "layers": layers}
+    if any(md.get(k) != v for k, v in expected.items()):
+        return None
+    if [im.get("path") for im in md.get("images") or []] != list(job.images):
+        return None
+    # An image edited after the run makes the result stale (the make rule: sources newer than target).
+    mtime = path.stat().st_mtime
+    try:
+        if any(os.stat(p).st_mtime > mtime for p in job.images):
+            return None
+    except OSError:
+        return None
+    return rows
+
+
+def max_positions(adapter: Any) -> int | None:
+    """The model's position limit (``max_position_embeddings``), if the adapter exposes one."""
+    cfg = getattr(getattr(adapter, "model", None), "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_length(adapter: Any, job: Job) -> None:
+    """Refuse a job whose prompt (with its image tokens) plus generated tokens exceeds the model's positions.
+
+    RoPE models compute positions past the trained range without complaint; the results there are
+    meaningless, so this is an input error, not something to measure.
+    """
+    from .inputs import load_image
+
+    limit = max_positions(adapter)
+    if limit is None or not hasattr(adapter, "prepare"):
+        return
+    pil = [load_image(p) for p in job.images]
+    prepared = adapter.prepare(job.prompt, pil, list(job.images), max_pixels=job.max_pixels)
+    length = int(prepared.input_ids.shape[1])
+    # Step s measures the prompt plus s generated tokens, so the last step has length + num_tokens - 1.
+    if length + job.num_tokens - 1 > limit:
+        raise InputError(f"the prompt is {length} tokens (images included); with {job.num_tokens} steps that is "
+                         f"over the model's {limit} positions")
+
+
+def run_job(adapter: Any, job: Job, out_dir: Path,
+            on_progress: Callable[[int, int], None] | None = None, verbose: bool = False) -> JobResult:
+    """Run one job into ``out_dir``; never raises for a job-level problem (returns a failed result)."""
+    from . import io
+    from .api import run_sweep
+    from .engine import SweepConfig
+
+    final = output_path(out_dir, job)
+    t0 = time.perf_counter()
+    try:
+        # A redo starts clean: the partial file of an earlier attempt describes a run we are replacing.
+        io.partial_path(final).unlink(missing_ok=True)
+        check_length(adapter, job)
+        config = SweepConfig(mask_mode=job.mask_mode, num_tokens=job.num_tokens,
+                             layers=list(job.layers) if job.layers is not None else None, backend=job.backend)
+        res = run_sweep(adapter, list(job.images), job.prompt, config, output=final, csv=job.csv,
+                        max_pixels=job.max_pixels, on_progress=on_progress)
+        return JobResult(job.name, job.index, "done", res.table.num_rows, time.perf_counter() - t0)
+    except MaskvlError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # a bug or an environment failure (e.g. out of memory) in one job
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return JobResult(job.name, job.index, "failed", 0, time.perf_counter() - t0, msg)
+
+
+def ensure_csv(path: Path) -> None:
+    """Write the CSV beside a complete Parquet file if a killed run published the Parquet but not the CSV."""
+    from . import io
+
+    csv_path = path.with_suffix(".csv")
+    if not csv_path.exists():
+        io.write_csv(path, csv_path)
+
+
+@dataclass
+class _Dist:
+    """This process's place in a torchrun launch (world_size 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    active: bool = False
+    results: list[Any] = field(default_factory=list)
+
+
+def _dist_env() -> _Dist:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise InputError("RANK/WORLD_SIZE/LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"bad RANK/WORLD_SIZE: {rank}/{world}")
+    return _Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def _device_for(dist_info: _Dist, device: str | None) -> str | None:
+    """Under torchrun each rank takes its own GPU; an explicit cpu stays cpu."""
+    import torch
+
+    if dist_info.world_size == 1:
+        return device
+    if device in (None, "auto"):
+        return f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return f"cuda:{dist_info.local_rank}"
+    return device
+
+
+def _all_gather(dist_info: _Dist, obj: Any) -> list[Any]:
+    if not dist_info.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def format_summary(results: list[JobResult], show_rank: bool = False) -> str:
+    """The summary table: job, status, rows, seconds (and the error of failed jobs)."""
+    head = ["job", "status", "rows", "seconds"] + (["rank"] if show_rank else []) + ["note"]
+    rows = [[r.name, r.status, str(r.rows), f"{r.seconds:.2f}"] + ([str(r.rank)] if show_rank else []) + [r.error]
+            for r in sorted(results, key=lambda r: r.index)]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + rows]
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    lines.append(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    return "\n".join(lines)
+
+
+@click.command("batch")
+@click.argument("jobs_file", metavar="JOBS.yaml")
+@click.option("--output-dir", "-o", required=True, help="Folder for <job name>.parquet files (shared by all ranks).")
+@click.option("--force", is_flag=True, help="Redo every job, even those with a complete matching file.")
+@click.option("--verbose", "-v", is_flag=True, help="Say more; tracebacks of unexpected job failures.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def batch_command(jobs_file: str, output_dir: str, force: bool, verbose: bool, quiet: bool) -> None:
+    """Run the sweeps of a YAML jobs file over one loaded model; rerun to resume.
+
+    \b
+    Each job writes OUTPUT_DIR/<name>.parquet atomically. A rerun skips jobs whose file is complete
+    and matches the job, and redoes the rest. A failing job does not stop the others; the command
+    exits 1 if any failed (2 for a bad jobs file). Under torchrun, jobs are sharded across ranks.
+    """
+    from . import io
+
+    spec = load_spec(jobs_file)  # every jobs-file problem surfaces here, before the slow model load
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output-dir {output_dir} exists and is not a directory")
+    dist_info = _dist_env()
+    device_spec = _device_for(dist_info, spec.device)
+
+    import torch
+
+    from .models import load_model, resolve_device, resolve_dtype
+
+    dev = resolve_device(device_spec)
+    dt = resolve_dtype(spec.dtype, dev)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # nccl's object collectives use the current device
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        dist_info.active = True
+    try:
+        _run_batch(spec, out_dir, dist_info, dev, dt, force, verbose, quiet, load_model, io)
+    finally:
+        if dist_info.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_batch(spec: BatchSpec, out_dir: Path, dist_info: _Dist, dev: Any, dt: Any, force: bool, verbose: bool,
+               quiet: bool, load_model: Callable[..., Any], io: Any) -> None:
+    lead = dist_info.rank == 0
+    setup_error = ""
+    adapter = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if lead:
+            # Only rank 0 cleans, and before the gather below, so no rank is writing a temp file yet.
+            removed = io.clean_stale_temps(out_dir)
+            if removed and not quiet:
+                click.echo(f"removed {len(removed)} temporary file(s) of an interrupted run", err=True)
+        if not quiet and lead:
+            click.echo(f"loading {spec.model} ({str(dt).replace('torch.', '')} on {dev}) ...", err=True)
+        if not verbose:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        adapter = load_model(spec.model, dt, dev, verbose=verbose)
+    except MaskvlError as exc:
+        setup_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except OSError as exc:
+        setup_error = f"cannot use --output-dir {out_dir}: {exc.strerror or exc}"
+    # Every rank learns whether all ranks loaded, so none waits forever for a rank that gave up.
+    errors = [e for e in _all_gather(dist_info, setup_error) if e]
+    if errors:
+        if lead:
+            raise MaskvlError(errors[0])
+        sys.exit(2)
+    assert adapter is not None
+
+    mine = [j for j in spec.jobs if j.index % dist_info.world_size == dist_info.rank]
+    results: list[JobResult] = []
+    show = not quiet and lead
+    from tqdm import tqdm
+
+    overall = tqdm(total=len(mine), unit="job", desc="jobs", position=0, file=sys.stderr, disable=not show,
+                   dynamic_ncols=True)
+
+    def report(message: str) -> None:
+        # tqdm.write keeps the bars intact; other ranks have no bars and print plainly.
+        prefix = f"[rank {dist_info.rank}] " if dist_info.world_size > 1 else ""
+        tqdm.write(f"maskvl: {prefix}{message}", file=sys.stderr)
+
+    try:
+        for job in mine:
+            final = output_path(out_dir, job)
+            rows = None if force else completed_rows(final, job, adapter)
+            if rows is not None:
+                if job.csv:
+                    ensure_csv(final)
+                results.append(JobResult(job.name, job.index, "skipped", rows, 0.0, "already complete",
+                                         dist_info.rank))
+                overall.update(1)
+                continue
+            bar = tqdm(total=None, unit="layer", desc=job.name, position=1, leave=False, file=sys.stderr,
+                       disable=not show, dynamic_ncols=True)
+
+            def progress(done: int, total: int, bar: Any = bar) -> None:
+                if bar.total != total:
+                    bar.total = total
+                bar.update(done - bar.n)
+
+            try:
+                res = run_job(adapter, job, out_dir, progress, verbose)
+            finally:
+                bar.close()
+            res.rank = dist_info.rank
+            if res.status == "failed":
+                report(f"job {job.name!r} failed: {res.error}")
+            results.append(res)
+            overall.update(1)
+    finally:
+        overall.close()
+
+    gathered = _all_gather(dist_info, [asdict(r) for r in results])
+    all_results = [JobResult(**d) for part in gathered for d in part]
+    if lead:
+        click.echo(format_summary(all_results, show_rank=dist_info.world_size > 1))
+    if dist_info.active:
+        import torch.distributed as dist
+
+        # Ranks leave together: torchrun stops the remaining workers as soon as one exits non-zero.
+        dist.barrier()
+    if any(r.status == "failed" for r in all_results):
+        sys.exit(1)

@@ -1,0 +1,364 @@
+"""``maskvl render FILE.parquet``: heatmaps of a sweep, drawn over its images, plus text-token strips.
+
+One figure holds, for each selected generation step, a row of small multiples per image (one panel per
+selected layer: the merged-token grid's values over the image, stretched to the grid as described in
+``docs/FORMAT.md``) and a strip per layer of coloured chips for the masked text tokens. All panels and
+chips share one colour scale, shown by one colourbar, so colours compare across layers, steps and
+images. Files are written atomically (hidden temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import InputError, MaskvlError
+
+METRICS = {"l2": "l2_distance", "cosine": "cosine_distance"}
+DEFAULT_MAX_LAYERS = 8
+PANEL_IN = 2.3  # width of one heatmap panel, inches
+STRIP_FONT = 7.0  # chip text size, points
+# Matplotlib refuses figures above 2^16 pixels a side; stay well below with a readable message.
+MAX_SIDE_PX = 30000
+
+
+@dataclass
+class SweepFile:
+    """The rows of one variant of a sweep file, as numpy arrays, and the file's metadata."""
+
+    path: Path
+    metadata: dict[str, Any]
+    step: Any
+    layer: Any
+    position: Any
+    value: Any
+    image_index: Any  # -1 for text rows
+    patch_row: Any
+    patch_col: Any
+
+
+def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
+    """Read the rows of ``variant`` and the values of ``metric`` (``l2`` or ``cosine``) from a sweep file."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from . import io
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory, not a Parquet file")
+    try:
+        md = io.read_metadata(p)
+        table = pq.read_table(p, columns=["generation_step", "layer", "token_position", "variant", METRICS[metric],
+                                          "image_index", "patch_row", "patch_col"])
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"cannot read {p} as a maskvl Parquet file: {str(exc).splitlines()[0]}") from None
+    if not md:
+        raise InputError(f"{p} has no maskvl metadata (not written by maskvl?)")
+    variants = md.get("variants") or []
+    if variant not in variants:
+        raise InputError(f"variant {variant!r} is not in {p.name} (it has {', '.join(variants)})")
+    table = table.filter(pc.equal(table["variant"].cast(pa.string()), variant))
+
+    def col(name: str, fill: int | None = None) -> Any:
+        c = table[name]
+        if fill is not None:
+            c = pc.fill_null(c, fill)
+        return c.to_numpy()
+
+    return SweepFile(p, md, col("generation_step"), col("layer"), col("token_position"),
+                     col(METRICS[metric]).astype(np.float64), col("image_index", -1), col("patch_row", -1),
+                     col("patch_col", -1))
+
+
+def _parse_selection(spec: str | None, available: list[int], what: str) -> list[int]:
+    """``0-3,7`` against what the file has; None -> everything."""
+    from .engine import parse_layers
+
+    if spec is None:
+        return available
+    try:
+        wanted = parse_layers(spec)
+    except InputError:
+        raise InputError(f"bad --{what} list {spec!r}: expected e.g. 0-3,7") from None
+    if wanted is None:
+        return available
+    missing = [v for v in wanted if v not in available]
+    if missing:
+        have = ", ".join(map(str, available)) or "none"
+        raise InputError(f"{what[:-1]} {missing[0]} is not in the file (it has {have})")
+    return sorted(set(wanted))
+
+
+def default_layers(available: list[int], limit: int = DEFAULT_MAX_LAYERS) -> list[int]:
+    """Up to ``limit`` layers evenly spread over ``available``, first and last included."""
+    if len(available) <= limit:
+        return available
+    idx = sorted({round(i * (len(available) - 1) / (limit - 1)) for i in range(limit)})
+    return [available[i] for i in idx]
+
+
+def _chip_text(text: str) -> str:
+    # Whitespace-only tokens would be invisible chips; show spaces and newlines with visible marks.
+    return text.replace("\n", "\u21b5").replace("\t", "\u2192").replace(" ", "\u00b7") or "\u2205"
+
+
+def _text_color(rgba: tuple[float, float, float, float]) -> str:
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _layout_chips(texts: list[str], width_in: float) -> tuple[list[tuple[float, int, float]], int]:
+    """Place chips left to right, wrapping at ``width_in``: (x inches, line, chip width inches) each, lines."""
+    char_in = STRIP_FONT * 0.62 / 72  # DejaVu Sans' average advance is ~0.6 em
+    pad = 0.06
+    x, line, out = 0.0, 0, []
+    for t in texts:
+        w = min(len(t) * char_in + 2 * pad, width_in)
+        if x > 0 and x + w > width_in:
+            x, line = 0.0, line + 1
+        out.append((x, line, w))
+        x += w + 0.03
+    return out, (line + 1 if texts else 1)
+
+
+def _load_background(path: str | None, override: str | None) -> tuple[Any, str | None]:
+    """The image behind a heatmap: ``--image`` if given (must load), else the metadata path (may be gone)."""
+    from .inputs import load_image
+
+    if override is not None:
+        return load_image(override), None
+    if not path:
+        return None, "the file does not record the image's path"
+    try:
+        return load_image(path), None
+    except MaskvlError as exc:
+        return None, str(exc)
+
+
+def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
+    from . import io
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{io.TEMP_MARKER}", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi)
+        # mkstemp creates 0600 files; give the PNG the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int) -> Any:
+    """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured)."""
+    import numpy as np
+
+    heat = np.full((rows, cols), np.nan)
+    m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
+    heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+    return heat
+
+
+def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: str, metric: str,
+                 backgrounds: list[Any], alpha: float = 0.6, cmap: str = "magma", dpi: int = 110) -> Any:
+    """The small-multiples figure for ``steps`` x ``layers`` (see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import colors as mcolors
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    md = data.metadata
+    images = md.get("images") or []
+    tokens = md.get("tokens") or []
+    sel = np.isin(data.step, steps) & np.isin(data.layer, layers)
+    values = data.value[sel]
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise InputError("no values to draw for the selected steps, layers and variant")
+    vmax = float(finite.max()) if finite.max() > 0 else 1.0
+    norm = mcolors.Normalize(vmin=0.0, vmax=vmax)
+    cm = plt.get_cmap(cmap)
+    has_image = bool((data.image_index[sel] >= 0).any())
+    has_text = bool((data.image_index[sel] < 0).any())
+    image_ids = sorted({int(i) for i in data.image_index[sel] if i >= 0}) if has_image else []
+
+    ncols = len(layers)
+    width = max(ncols * PANEL_IN, 6.0)
+    strip_width = width - 0.5  # the left gutter holds the layer label
+
+    # Height of each block, in inches: image rows follow the resized image's aspect; strips their lines.
+    blocks: list[tuple[str, int, Any, float]] = []
+    for s in steps:
+        for i in image_ids:
+            im = images[i]
+            rw, rh = im.get("resized_size") or [im["grid_cols"], im["grid_rows"]]
+            blocks.append(("image", s, i, PANEL_IN * rh / rw + 0.45))
+        if has_text:
+            lines_total = 0
+            step_rows = (data.step == s) & (data.image_index < 0)
+            for layer in layers:
+                pos = np.unique(data.position[step_rows & (data.layer == layer)])
+                texts = [_chip_text(tokens[int(p)]["text"] if int(p) < len(tokens) else f"#{p}") for p in pos]
+                lines_total += _layout_chips(texts, strip_width)[1]
+            blocks.append(("text", s, None, 0.5 + lines_total * 0.24))
+    height = sum(b[3] for b in blocks) + 1.2
+    if max(width + 1.2, height) * dpi > MAX_SIDE_PX:
+        raise InputError(f"the figure would be {width + 1.2:.0f}x{height:.0f} inches; choose fewer --layers/--steps "
+                         f"or render one PNG per step into a folder")
+
+    fig = plt.figure(figsize=(width + 1.2, height), dpi=dpi)
+    grid = fig.add_gridspec(len(blocks), 1, height_ratios=[b[3] for b in blocks], left=0.06,
+                            right=width / (width + 1.2), top=1 - 0.9 / height, bottom=0.25 / height, hspace=0.35)
+    title_prompt = md.get("prompt", "")
+    title_prompt = title_prompt if len(title_prompt) <= 90 else title_prompt[:87] + "..."
+    status = "" if md.get("complete") else f"  (partial: {md.get('steps_completed')} of {md.get('num_steps')} steps)"
+    fig.suptitle(f"{data.path.name}: {variant}, {METRICS[metric]}{status}\n{md.get('model', '')}: "
+                 f"\u201c{title_prompt}\u201d", fontsize=10, y=1 - 0.1 / height, va="top")
+    generated = {g.get("step"): g.get("text", "") for g in md.get("generated") or []}
+
+    for row, (kind, s, i, _) in enumerate(blocks):
+        step_label = f"step {s}" + (f" \u2192 {_chip_text(generated[s])!s}" if s in generated else "")
+        if kind == "image":
+            im = images[i]
+            gr, gc = int(im["grid_rows"]), int(im["grid_cols"])
+            rw, rh = im.get("resized_size") or [gc, gr]
+            sub = grid[row].subgridspec(1, ncols, wspace=0.08)
+            for c, layer in enumerate(layers):
+                ax = fig.add_subplot(sub[0, c])
+                heat = image_grid(data, s, layer, i, gr, gc)
+                extent = (0, gc, gr, 0)
+                bg = backgrounds[i] if i < len(backgrounds) else None
+                if bg is not None:
+                    ax.imshow(np.asarray(bg), extent=extent, interpolation="bilinear")
+                ax.imshow(np.ma.masked_invalid(heat), extent=extent, cmap=cm, norm=norm,
+                          alpha=alpha if bg is not None else 1.0, interpolation="nearest")
+                # Cells are (resized_w / cols) x (resized_h / rows) pixels: keep the image's proportions.
+                ax.set_aspect((rh / gr) / (rw / gc))
+                ax.set_xlim(0, gc)
+                ax.set_ylim(gr, 0)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"layer {layer}", fontsize=8, pad=2)
+                if c == 0:
+                    ax.set_ylabel(f"{step_label}\nimage {i} ({gr}x{gc})", fontsize=8, parse_math=False)
+        else:
+            ax = fig.add_subplot(grid[row])
+            ax.set_axis_off()
+            step_rows = (data.step == s) & (data.image_index < 0)
+            y = 0.0
+            ax.text(-0.45, -0.05, f"{step_label}, text tokens", fontsize=8, va="bottom", ha="left",
+                    parse_math=False, fontweight="bold")
+            for layer in layers:
+                m = step_rows & (data.layer == layer)
+                order = np.argsort(data.position[m], kind="stable")
+                pos = data.position[m][order]
+                vals = data.value[m][order]
+                texts = [_chip_text(tokens[int(p)]["text"] if int(p) < len(tokens) else f"#{p}") for p in pos]
+                placed, nlines = _layout_chips(texts, strip_width)
+                ax.text(-0.45, y + 0.12, f"L{layer}", fontsize=7, va="center", ha="left")
+                for (x, line, w), t, v in zip(placed, texts, vals):
+                    rgba = cm(norm(v)) if np.isfinite(v) else (0.85, 0.85, 0.85, 1.0)
+                    yy = y + line * 0.24
+                    ax.add_patch(FancyBboxPatch((x, yy + 0.02), w, 0.2, boxstyle="round,pad=0,rounding_size=0.04",
+                                                facecolor=rgba, edgecolor="none"))
+                    ax.text(x + w / 2, yy + 0.125, t, fontsize=STRIP_FONT, ha="center", va="center",
+                            color=_text_color(rgba), parse_math=False, clip_on=True)
+                y += nlines * 0.24
+            ax.set_xlim(-0.5, strip_width)
+            ax.set_ylim(max(y, 0.24), -0.3)
+
+    cax = fig.add_axes((width / (width + 1.2) + 0.15 / (width + 1.2), 0.25 / height + 0.05,
+                        0.18 / (width + 1.2), 1 - 1.15 / height - 0.1))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), cax=cax, label=METRICS[metric])
+    return fig
+
+
+@click.command("render")
+@click.argument("parquet_file", metavar="FILE.parquet")
+@click.option("--output", "-o", default=None,
+              help="out.png for one figure, or a folder for one PNG per step (default: FILE.png beside FILE).")
+@click.option("--layers", default=None,
+              help=f"Layers to draw, e.g. 0-5,20 (default: up to {DEFAULT_MAX_LAYERS} spread over the file's).")
+@click.option("--steps", default=None, help="Generation steps to draw, e.g. 0,2 (default: all).")
+@click.option("--variant", default="Full", show_default=True, help="Full, Attn, Head_N ...")
+@click.option("--metric", type=click.Choice(tuple(METRICS)), default="l2", show_default=True)
+@click.option("--image", "images", multiple=True,
+              help="Image for image 0, 1, ... in order (default: the paths recorded in the file).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Heatmap opacity.")
+@click.option("--cmap", default="magma", show_default=True, help="Matplotlib colour map.")
+@click.option("--dpi", type=click.IntRange(30, 600), default=110, show_default=True)
+def render_command(parquet_file: str, output: str | None, layers: str | None, steps: str | None, variant: str,
+                   metric: str, images: tuple[str, ...], alpha: float, cmap: str, dpi: int) -> None:
+    """Draw a sweep file as heatmaps over its images and coloured text-token strips."""
+    import numpy as np
+
+    data = read_sweep(parquet_file, variant, metric)
+    md = data.metadata
+    meta_images = md.get("images") or []
+    if len(images) > len(meta_images):
+        raise InputError(f"{len(images)} --image given but the file has {len(meta_images)} image(s)")
+    try:
+        import matplotlib
+
+        matplotlib.colormaps[cmap]
+    except KeyError:
+        raise InputError(f"unknown colour map {cmap!r}") from None
+    available_steps = sorted({int(s) for s in np.unique(data.step)})
+    available_layers = sorted({int(v) for v in np.unique(data.layer)})
+    if not available_steps:
+        raise InputError(f"{data.path.name} has no rows")
+    chosen_steps = _parse_selection(steps, available_steps, "steps")
+    chosen_layers = _parse_selection(layers, available_layers, "layers") if layers is not None \
+        else default_layers(available_layers)
+
+    backgrounds = []
+    for i, im in enumerate(meta_images):
+        bg, why = _load_background(im.get("path"), images[i] if i < len(images) else None)
+        if why is not None:
+            click.echo(f"maskvl: warning: image {i}: {why}; drawing the heatmap without it (pass --image)", err=True)
+        backgrounds.append(bg)
+
+    src = data.path
+    if output is None:
+        targets = [(chosen_steps, src.with_suffix(".png"))]
+    elif output.lower().endswith(".png"):
+        targets = [(chosen_steps, Path(output))]
+    else:
+        out_dir = Path(output)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"--output {output} exists and is not a folder (end the name with .png for a file)")
+        targets = [([s], out_dir / f"{src.stem}.step{s}.png") for s in chosen_steps]
+
+    from matplotlib import pyplot as plt
+
+    written = []
+    with warnings.catch_warnings():
+        # Tokens in scripts DejaVu Sans lacks draw as boxes; the warning per glyph is noise.
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        for step_list, target in targets:
+            fig = build_figure(data, step_list, chosen_layers, variant, metric, backgrounds, alpha, cmap, dpi)
+            try:
+                _save_atomic(fig, target, dpi)
+            finally:
+                plt.close(fig)
+            written.append(target)
+    for t in written:
+        click.echo(str(t))
