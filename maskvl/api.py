@@ -55,7 +55,8 @@ def default_output(prompt: str, directory: str = "maskvl-out") -> Path:
 def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config: SweepConfig,
               output: str | os.PathLike | None = None, csv: bool = False, max_pixels: int | None = None,
               on_progress: Callable[[int, int], None] | None = None,
-              on_note: Callable[[str], None] | None = None) -> SweepOutcome:
+              on_note: Callable[[str], None] | None = None,
+              extra_metadata: dict[str, Any] | None = None) -> SweepOutcome:
     """Prepare inputs, run the engine step by step, write Parquet as it goes; the shared core.
 
     ``images`` are paths or PIL images. ``on_progress(done, total)`` is called after each layer.
@@ -74,6 +75,12 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
     engine = Engine(adapter, config.backend)
     prepared = adapter.prepare(prompt, pil, paths, max_pixels=max_pixels)
     ids = prepared.input_ids[0].tolist()
+    limit = getattr(adapter, "max_positions", None)
+    # Step s measures prompt + s tokens; RoPE models run past their trained range without complaint,
+    # and what they compute there is meaningless.
+    if limit and len(ids) + config.num_tokens - 1 > limit:
+        raise InputError(f"the prompt is {len(ids)} tokens (images included); with {config.num_tokens} steps "
+                         f"that is over the model's {limit} positions")
     tokens = io.TokenTable.build(adapter.token_texts(ids), prepared.images)
     variants = measures.variant_names(adapter.num_heads, logits=config.logits)
     float64 = engine.cd == torch.float64
@@ -88,6 +95,8 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
         logits=config.logits, knockout_window=config.knockout_window,
         num_steps=config.num_tokens, steps_completed=0, complete=False,
     )
+    if extra_metadata:
+        meta.update(extra_metadata)
     generated: list[dict[str, Any]] = []
 
     def finish_meta(complete: bool) -> dict[str, Any]:

@@ -55,7 +55,8 @@ from .errors import InputError, MaskvlError
 MASK_MODES = ("text", "vision", "both")
 BACKENDS = ("auto", "reference", "cpp", "triton")
 TOP_KEYS = ("model", "defaults", "jobs")
-SWEEP_KEYS = ("mask_mode", "num_tokens", "dtype", "device", "layers", "backend", "max_pixels", "csv")
+SWEEP_KEYS = ("mask_mode", "num_tokens", "dtype", "device", "layers", "backend", "max_pixels", "csv", "logits",
+              "knockout_window", "target_token")
 # The model loads once, so what it loads with cannot vary per job.
 MODEL_KEYS = ("dtype", "device")
 JOB_KEYS = ("name", "image", "images", "prompt") + tuple(k for k in SWEEP_KEYS if k not in MODEL_KEYS)
@@ -83,6 +84,16 @@ class Job:
     backend: str = "auto"
     max_pixels: int | None = None
     csv: bool = False
+    logits: bool = False
+    knockout_window: int = 1
+    target_token: str | int | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every option that shapes the result; stored in the output's metadata to decide reruns."""
+        return {"prompt": self.prompt, "images": list(self.images), "mask_mode": self.mask_mode,
+                "num_tokens": self.num_tokens, "layers": list(self.layers) if self.layers is not None else None,
+                "backend": self.backend, "max_pixels": self.max_pixels, "logits": self.logits,
+                "knockout_window": self.knockout_window, "target_token": self.target_token}
 
 
 @dataclass
@@ -128,9 +139,15 @@ def _sweep_options(raw: dict[str, Any], source: Path, context: str) -> dict[str,
         elif key == "max_pixels":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InputError(f"{where}: max_pixels must be a positive integer (got {value!r})")
-        elif key == "csv":
+        elif key in ("csv", "logits"):
             if not isinstance(value, bool):
-                raise InputError(f"{where}: csv must be true or false (got {value!r})")
+                raise InputError(f"{where}: {key} must be true or false (got {value!r})")
+        elif key == "knockout_window":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{where}: knockout_window must be an integer of at least 1 (got {value!r})")
+        elif key == "target_token":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+                raise InputError(f"{where}: target_token must be a token's text or id (got {value!r})")
         elif key in ("dtype", "device"):
             if value is not None and not isinstance(value, str):
                 raise InputError(f"{where}: {key} must be a string (got {value!r})")
@@ -245,7 +262,8 @@ def load_spec(path: str | os.PathLike) -> BatchSpec:
         jobs.append(Job(index=i, name=name, prompt=prompt, images=images, mask_mode=mask_mode,
                         num_tokens=opts.get("num_tokens", 1), layers=opts.get("layers"),
                         backend=opts.get("backend", "auto"), max_pixels=opts.get("max_pixels"),
-                        csv=opts.get("csv", False)))
+                        csv=opts.get("csv", False), logits=opts.get("logits", False),
+                        knockout_window=opts.get("knockout_window", 1), target_token=opts.get("target_token")))
     return BatchSpec(source=source, model=model.strip(), dtype=defaults.get("dtype"), device=defaults.get("device"),
                      jobs=jobs)
 
@@ -295,6 +313,8 @@ def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
                 "mask_mode": job.mask_mode, "num_steps": job.num_tokens, "layers": layers}
     if any(md.get(k) != v for k, v in expected.items()):
         return None
+    if md.get("job") != job.fingerprint():
+        return None
     if [im.get("path") for im in md.get("images") or []] != list(job.images):
         return None
     # An image edited after the run makes the result stale (the make rule: sources newer than target).
@@ -305,36 +325,6 @@ def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
     except OSError:
         return None
     return rows
-
-
-def max_positions(adapter: Any) -> int | None:
-    """The model's position limit (``max_position_embeddings``), if the adapter exposes one."""
-    cfg = getattr(getattr(adapter, "model", None), "config", None)
-    for c in (getattr(cfg, "text_config", None), cfg):
-        n = getattr(c, "max_position_embeddings", None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
-
-
-def check_length(adapter: Any, job: Job) -> None:
-    """Refuse a job whose prompt (with its image tokens) plus generated tokens exceeds the model's positions.
-
-    RoPE models compute positions past the trained range without complaint; the results there are
-    meaningless, so this is an input error, not something to measure.
-    """
-    from .inputs import load_image
-
-    limit = max_positions(adapter)
-    if limit is None or not hasattr(adapter, "prepare"):
-        return
-    pil = [load_image(p) for p in job.images]
-    prepared = adapter.prepare(job.prompt, pil, list(job.images), max_pixels=job.max_pixels)
-    length = int(prepared.input_ids.shape[1])
-    # Step s measures the prompt plus s generated tokens, so the last step has length + num_tokens - 1.
-    if length + job.num_tokens - 1 > limit:
-        raise InputError(f"the prompt is {length} tokens (images included); with {job.num_tokens} steps that is "
-                         f"over the model's {limit} positions")
 
 
 def run_job(adapter: Any, job: Job, out_dir: Path,
@@ -349,11 +339,17 @@ def run_job(adapter: Any, job: Job, out_dir: Path,
     try:
         # A redo starts clean: the partial file of an earlier attempt describes a run we are replacing.
         io.partial_path(final).unlink(missing_ok=True)
-        check_length(adapter, job)
+        from .api import resolve_target_token
+
         config = SweepConfig(mask_mode=job.mask_mode, num_tokens=job.num_tokens,
-                             layers=list(job.layers) if job.layers is not None else None, backend=job.backend)
+                             layers=list(job.layers) if job.layers is not None else None, backend=job.backend,
+                             logits=job.logits, knockout_window=job.knockout_window,
+                             target_token=resolve_target_token(adapter, job.target_token) if job.logits else None)
+        if job.target_token is not None and not job.logits:
+            raise InputError("target_token needs logits: true")
         res = run_sweep(adapter, list(job.images), job.prompt, config, output=final, csv=job.csv,
-                        max_pixels=job.max_pixels, on_progress=on_progress)
+                        max_pixels=job.max_pixels, on_progress=on_progress,
+                        extra_metadata={"job": job.fingerprint()})
         return JobResult(job.name, job.index, "done", res.table.num_rows, time.perf_counter() - t0)
     except MaskvlError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -157,6 +157,10 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
 def _tmp_path(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file 0600; published files get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

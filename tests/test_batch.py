@@ -288,8 +288,11 @@ def test_completed_rows_rejects_incomplete_and_foreign_files(tmp_path: Path, tin
     from maskvl.engine import SweepConfig
 
     run_sweep(adapter, [], "Hello?", SweepConfig(layers=[0]), output=path)
+    assert completed_rows(path, job, adapter) is None  # complete, but not written for this job (no fingerprint)
+    run_sweep(adapter, [], "Hello?", SweepConfig(layers=[0]), output=path, extra_metadata={"job": job.fingerprint()})
     rows = completed_rows(path, job, adapter)
     assert rows == pq.ParquetFile(path).metadata.num_rows > 0
+    assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), max_pixels=4096), adapter) is None
     assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), num_tokens=2), adapter) is None
     assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), mask_mode="both"), adapter) is None
     # The same rows with complete: false (what an interrupted run would say) are not a result.

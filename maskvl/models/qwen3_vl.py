@@ -76,6 +76,7 @@ class Qwen3VLAdapter(ModelAdapter):
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.hidden_size = tc.hidden_size
         self.vocab_size = tc.vocab_size
+        self.max_positions = getattr(tc, "max_position_embeddings", None)
         self.scale = self.layers[0].self_attn.scaling
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
