@@ -72,3 +72,20 @@ def adapter32(tiny_dir):
     from maskvl.models import load_model
 
     return load_model(str(tiny_dir), torch.float32, "cpu")
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Call the CLI's entry point in-process: ``run_main(argv) -> (exit code, stdout, stderr)``."""
+    import sys
+
+    from maskvl.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+            sys.exit(0)
+        out, err = capsys.readouterr()
+        return int(info.value.code or 0), out, err
+
+    return run

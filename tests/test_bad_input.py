@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from maskvl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,13 +37,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _png_header_only(d / "bomb.png", 40000, 40000)
     return d
 
-
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
 
 
 def _assert_one_line_error(code: int, err: str, message: str) -> None:
@@ -80,10 +72,10 @@ def test_the_bomb_is_tiny_on_disk_and_huge_in_its_header(inputs: Path) -> None:
     (["--mask-mode", "vision"], "needs at least one --image"),
 ])
 def test_sweep_bad_input(tmp_path: Path, inputs: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
-                         message: str) -> None:
+                         message: str, run_main) -> None:
     out = tmp_path / "out" / "result.parquet"
     argv = ["sweep", "--prompt", "What is this?", "-o", str(out), "-q"] + [a.format(d=inputs) for a in extra]
-    code, _, err = _run_main(argv, capsys)
+    code, _, err = run_main(argv)
     _assert_one_line_error(code, err, message)
     assert not out.parent.exists()
 
@@ -104,27 +96,27 @@ GOOD_JOB = "  - {name: a, prompt: What is in it}\n"
     ("model: {model}\njobs: [\n", "not valid YAML"),
 ])
 def test_batch_jobs_file_errors_fail_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                             doc: str, message: str) -> None:
+                                                             doc: str, message: str, run_main) -> None:
     # The model directory does not exist: had the model load come first, its error would show instead.
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(doc.replace("{model}", str(tmp_path / "no-model")).replace("{{", "{").replace("}}", "}"))
     out = tmp_path / "out"
-    code, stdout, err = _run_main(["batch", str(jobs), "--output-dir", str(out)], capsys)
+    code, stdout, err = run_main(["batch", str(jobs), "--output-dir", str(out)])
     _assert_one_line_error(code, err, message)
     assert "loading" not in err and stdout == ""
     assert not out.exists()
 
 
-def test_batch_missing_jobs_file_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run_main(["batch", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")], capsys)
+def test_batch_missing_jobs_file_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], run_main) -> None:
+    code, _, err = run_main(["batch", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")])
     _assert_one_line_error(code, err, "jobs file not found")
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(f"model: {tmp_path}/no-model\njobs:\n" + GOOD_JOB)
-    code, _, err = _run_main(["batch", str(jobs), "--output-dir", str(tmp_path / "o"), "-q"], capsys)
+    code, _, err = run_main(["batch", str(jobs), "--output-dir", str(tmp_path / "o"), "-q"])
     _assert_one_line_error(code, err, "model directory not found")
     assert list((tmp_path / "o").iterdir()) == []
     (tmp_path / "file").write_text("x")
-    code, _, err = _run_main(["batch", str(jobs), "--output-dir", str(tmp_path / "file")], capsys)
+    code, _, err = run_main(["batch", str(jobs), "--output-dir", str(tmp_path / "file")])
     _assert_one_line_error(code, err, "exists and is not a directory")
 
 

@@ -15,7 +15,6 @@ import pytest
 
 from maskvl import io
 from maskvl.batch import Job, completed_rows, format_summary, JobResult, load_spec
-from maskvl.cli import main
 from maskvl.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +63,6 @@ def _write_jobs(path: Path, model: Path | str, jobs: list[dict], defaults: dict 
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
-
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
 
 
 def _summary(out: str) -> dict[str, list[str]]:
@@ -211,7 +203,7 @@ def test_acceptance_sigkill_then_rerun_completes_each_job_once(tmp_path: Path, t
 
 
 def test_failing_jobs_are_reported_and_the_others_run(tmp_path: Path, tiny_model: Path, images: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      capsys: pytest.CaptureFixture[str], run_main) -> None:
     jobs = _write_jobs(tmp_path / "jobs.yaml", tiny_model, [
         {"name": "missing", "image": "nope.png", "prompt": "What?"},
         {"name": "ok", "image": str(images / "wide.png"), "prompt": "What?", "csv": True},
@@ -221,7 +213,7 @@ def test_failing_jobs_are_reported_and_the_others_run(tmp_path: Path, tiny_model
         {"name": "bad-layer", "prompt": "What?", "layers": "7"},
     ], defaults={"layers": "0-1"})
     out = tmp_path / "out"
-    code, stdout, stderr = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, stderr = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     assert code == 1
     summary = _summary(stdout)
     assert summary["ok"][0] == "done"
@@ -236,19 +228,19 @@ def test_failing_jobs_are_reported_and_the_others_run(tmp_path: Path, tiny_model
 
     # Resume repairs a CSV lost between the Parquet publish and the CSV write (a kill in that gap).
     (out / "ok.csv").unlink()
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     assert code == 1 and _summary(stdout)["ok"][0] == "skipped"
     assert (out / "ok.csv").read_text().startswith('"generation_step",')
 
 
 def test_changed_jobs_are_redone_and_stale_partials_replaced(tmp_path: Path, tiny_model: Path, images: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                                             capsys: pytest.CaptureFixture[str], run_main) -> None:
     img = tmp_path / "pic.png"
     img.write_bytes((images / "wide.png").read_bytes())
     base = [{"name": "a", "image": str(img), "prompt": "What?"}, {"name": "b", "prompt": "Why?"}]
     out = tmp_path / "out"
     jobs = _write_jobs(tmp_path / "jobs.yaml", tiny_model, base, defaults={"layers": "0"})
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     assert code == 0 and {v[0] for v in _summary(stdout).values()} == {"done"}
 
     # A stale partial file and a temp file of a killed run; a changed prompt for b.
@@ -256,7 +248,7 @@ def test_changed_jobs_are_redone_and_stale_partials_replaced(tmp_path: Path, tin
     (out / f".b.parquet{io.TEMP_MARKER}abc123").write_bytes(b"junk")
     jobs = _write_jobs(tmp_path / "jobs.yaml", tiny_model,
                        [base[0], {"name": "b", "prompt": "Why not?"}], defaults={"layers": "0"})
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     summary = _summary(stdout)
     assert code == 0 and summary["a"][0] == "skipped" and summary["b"][0] == "done"
     assert io.read_metadata(out / "b.parquet")["prompt"] == "Why not?"
@@ -265,13 +257,13 @@ def test_changed_jobs_are_redone_and_stale_partials_replaced(tmp_path: Path, tin
     # Other layers, or an image edited after the run, make a result stale; --force redoes everything.
     jobs = _write_jobs(tmp_path / "jobs.yaml", tiny_model,
                        [base[0], {"name": "b", "prompt": "Why not?"}], defaults={"layers": "0-1"})
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     assert {n: v[0] for n, v in _summary(stdout).items()} == {"a": "done", "b": "done"}
     later = (out / "a.parquet").stat().st_mtime + 5
     os.utime(img, (later, later))
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q"])
     assert {n: v[0] for n, v in _summary(stdout).items()} == {"a": "done", "b": "skipped"}
-    code, stdout, _ = _run_main(["batch", str(jobs), "--output-dir", str(out), "-q", "--force"], capsys)
+    code, stdout, _ = run_main(["batch", str(jobs), "--output-dir", str(out), "-q", "--force"])
     assert {n: v[0] for n, v in _summary(stdout).items()} == {"a": "done", "b": "done"}
 
 

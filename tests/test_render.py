@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from PIL import Image
 
 from maskvl import io
-from maskvl.cli import main
 from maskvl.render import _layout_chips, default_layers, image_grid, read_sweep
 
 
@@ -39,13 +37,6 @@ def sweep_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"two": two, "text": text, "wide": wide, "tall": tall}
 
 
-def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
-
 
 def test_image_grid_places_each_token_at_its_patch(sweep_files: dict[str, Path]) -> None:
     data = read_sweep(sweep_files["two"], "Full", "l2")
@@ -67,10 +58,10 @@ def test_image_grid_places_each_token_at_its_patch(sweep_files: dict[str, Path])
 
 
 def test_render_two_images_to_png(tmp_path: Path, sweep_files: dict[str, Path],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                  capsys: pytest.CaptureFixture[str], run_main) -> None:
     target = tmp_path / "fig" / "out.png"
-    code, out, err = _run_main(["render", str(sweep_files["two"]), "-o", str(target), "--metric", "cosine",
-                                "--variant", "Head_1", "--layers", "0,2"], capsys)
+    code, out, err = run_main(["render", str(sweep_files["two"]), "-o", str(target), "--metric", "cosine",
+                                "--variant", "Head_1", "--layers", "0,2"])
     assert code == 0, err
     assert out.strip() == str(target)
     with Image.open(target) as im:
@@ -84,23 +75,22 @@ def test_render_two_images_to_png(tmp_path: Path, sweep_files: dict[str, Path],
 
 
 def test_render_one_png_per_step_into_a_folder(tmp_path: Path, sweep_files: dict[str, Path],
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run_main(["render", str(sweep_files["two"]), "-o", str(tmp_path / "pngs"), "--steps", "0-1"],
-                               capsys)
+                                               capsys: pytest.CaptureFixture[str], run_main) -> None:
+    code, out, err = run_main(["render", str(sweep_files["two"]), "-o", str(tmp_path / "pngs"), "--steps", "0-1"])
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["two.step0.png", "two.step1.png"]
 
 
 def test_render_text_only_file(tmp_path: Path, sweep_files: dict[str, Path],
-                               capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run_main(["render", str(sweep_files["text"]), "-o", str(tmp_path / "t.png")], capsys)
+                               capsys: pytest.CaptureFixture[str], run_main) -> None:
+    code, _, err = run_main(["render", str(sweep_files["text"]), "-o", str(tmp_path / "t.png")])
     assert code == 0, err
     with Image.open(tmp_path / "t.png") as im:
         assert im.size[0] > im.size[1]  # strips only: wide and short
 
 
 def test_render_with_moved_image_warns_and_accepts_image_option(tmp_path: Path, sweep_files: dict[str, Path],
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                                capsys: pytest.CaptureFixture[str], run_main) -> None:
     # A copy of the file whose recorded image paths no longer exist.
     md = io.read_metadata(sweep_files["two"])
     for im in md["images"]:
@@ -110,10 +100,10 @@ def test_render_with_moved_image_warns_and_accepts_image_option(tmp_path: Path, 
     with pq.ParquetWriter(moved, table.schema) as w:
         w.write_table(table)
         w.add_key_value_metadata({io.METADATA_KEY: json.dumps(md)})
-    code, _, err = _run_main(["render", str(moved), "-o", str(tmp_path / "a.png")], capsys)
+    code, _, err = run_main(["render", str(moved), "-o", str(tmp_path / "a.png")])
     assert code == 0 and err.count("warning: image") == 2
-    code, _, err = _run_main(["render", str(moved), "-o", str(tmp_path / "b.png"), "--image",
-                              str(sweep_files["wide"]), "--image", str(sweep_files["tall"])], capsys)
+    code, _, err = run_main(["render", str(moved), "-o", str(tmp_path / "b.png"), "--image",
+                              str(sweep_files["wide"]), "--image", str(sweep_files["tall"])])
     assert code == 0 and "warning" not in err
     # The background changes the picture.
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
@@ -130,9 +120,9 @@ def test_render_with_moved_image_warns_and_accepts_image_option(tmp_path: Path, 
     (["--cmap", "nope"], "unknown colour map 'nope'"),
 ])
 def test_render_bad_options(tmp_path: Path, sweep_files: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                            args: list[str], message: str) -> None:
+                            args: list[str], message: str, run_main) -> None:
     target = tmp_path / "x.png"
-    code, _, err = _run_main(["render", str(sweep_files["two"]), "-o", str(target), *args], capsys)
+    code, _, err = run_main(["render", str(sweep_files["two"]), "-o", str(target), *args])
     assert code == 2
     assert err.startswith("maskvl: error: ") and message in err and err.count("\n") == 1
     assert not target.exists() and list(tmp_path.iterdir()) == []
@@ -143,19 +133,19 @@ def test_render_bad_options(tmp_path: Path, sweep_files: dict[str, Path], capsys
     (b"not parquet at all", "cannot read"),
 ])
 def test_render_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None,
-                          message: str) -> None:
+                          message: str, run_main) -> None:
     src = tmp_path / "in.parquet"
     if content is not None:
         src.write_bytes(content)
-    code, _, err = _run_main(["render", str(src), "-o", str(tmp_path / "x.png")], capsys)
+    code, _, err = run_main(["render", str(src), "-o", str(tmp_path / "x.png")])
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
 
 
 def test_render_refuses_parquet_without_maskvl_metadata(tmp_path: Path, sweep_files: dict[str, Path],
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                        capsys: pytest.CaptureFixture[str], run_main) -> None:
     pq.write_table(pq.read_table(sweep_files["text"]).replace_schema_metadata(None), tmp_path / "plain.parquet")
-    code, _, err = _run_main(["render", str(tmp_path / "plain.parquet")], capsys)
+    code, _, err = run_main(["render", str(tmp_path / "plain.parquet")])
     assert code == 2 and "no maskvl metadata" in err
 
 

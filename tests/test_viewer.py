@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import pathlib
 import re
 import time
 
