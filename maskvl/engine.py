@@ -143,8 +143,9 @@ class _LogitsBatch:
 class Engine:
     """Runs sweeps for one loaded model with one backend."""
 
-    def __init__(self, adapter: ModelAdapter, backend: str | Backend = "auto"):
+    def __init__(self, adapter: ModelAdapter, backend: str | Backend = "auto", max_rows: int = 4096):
         self.adapter = adapter
+        self.max_rows = max_rows
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, adapter.device)
         self.cd = measures.compute_dtype(adapter.dtype)
         self._grams: dict[int, torch.Tensor] = {}
@@ -181,7 +182,10 @@ class Engine:
         x = cap.x[layer].to(cd)
         h_clean = x + attn_clean
         mlp_clean = a.post_attention(layer, h_clean.unsqueeze(0), cd)[0]
-        mlp_masked = a.post_attention(layer, h_clean.unsqueeze(0) + attn_delta, cd)  # [P, d]
+        # Chunked so that the MLP's [rows, intermediate] activations stay bounded for long sequences.
+        step = self.max_rows
+        mlp_masked = torch.cat([a.post_attention(layer, h_clean.unsqueeze(0) + attn_delta[i:i + step], cd)
+                                for i in range(0, P, step)]) if P else attn_delta  # [P, d]
         full_clean = attn_clean + mlp_clean
         full_delta = attn_delta + (mlp_masked - mlp_clean)
         l2_full, cos_full = self.backend.vector_distances(full_clean, full_delta)
