@@ -142,10 +142,13 @@ def _delta(v_ptr, s_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, delta_ptr, T, H, D, sv
         m1 = tl.load(stat_ptr + h * 4 + 0)
         zfull = tl.load(stat_ptr + h * 4 + 3)
         j1 = tl.load(j_ptr + h)
+        is_j1 = idx == j1
         e = tl.exp(s - m1)
-        w = e / (zfull - e)  # = a_t / (1 - a_t), no cancellation: only j1 can have a_t > 1/2
+        # w = a_t / (1 - a_t) without cancellation: only j1 can have a_t > 1/2, and its row is replaced
+        # below (its denominator is set to 1 so that no inf/nan is formed at all).
+        w = e / tl.where(is_j1, 1.0, zfull - e)
         d = w[:, None] * (o[None, :] - vt)
-        d = tl.where((idx == j1)[:, None], (owo - o)[None, :], d)
+        d = tl.where(is_j1[:, None], (owo - o)[None, :], d)
         tl.store(delta_ptr + (idx[:, None] * H + h) * D + offs_d[None, :], d, mask=mask)
 
 

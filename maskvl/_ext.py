@@ -6,6 +6,7 @@ whether the CPU kernels are registered and :func:`load_error` the reason they ar
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None, "warned": False}
@@ -22,7 +23,7 @@ def load(warn: bool = True) -> bool:
         from .ops import _library  # noqa: F401  (the schemas must exist for the kernels to be callable)
 
         try:
-            from . import _C  # noqa: F401
+            importlib.import_module("maskvl._C")
 
             _state["ok"] = True
         except ImportError as exc:  # not built, or built against another torch
