@@ -3,7 +3,7 @@
 // head_distances: o [H, D], delta [T, H, D], gram [H, D, D] -> l2 [T, H], cos [T, H] with the moments
 //   A_h = o_h^T G_h o_h,  B_ph = o_h^T G_h delta[p,h],  C_ph = delta[p,h]^T G_h delta[p,h]
 // fed to distances_from_moments. G_h delta is formed for a tile of kTile rows of one head at a time
-// (never for all T). vector_distances: clean [N], delta [T, N] -> l2 [T], cos [T] with A = |c|^2,
+// (one BLAS call per tile; never for all T). vector_distances: clean [N], delta [T, N] -> l2 [T], cos [T] with A = |c|^2,
 // B = <c, d_t>, C = |d_t|^2, B and C reduced in one pass over each delta row.
 // Inputs of other dtypes are cast to the compute dtype (float64 for float64 delta, float32 otherwise).
 #include "common.h"
@@ -11,7 +11,7 @@
 namespace maskvl {
 namespace {
 
-constexpr int64_t kTile = 16;  // rows of T per work item (G_h delta tile: kTile x D accumulators)
+constexpr int64_t kTile = 128;  // rows of T per work item (G_h delta tile: kTile x D)
 
 template <typename acc_t>
 void head_distances_impl(const at::Tensor& o_t, const at::Tensor& delta_t, const at::Tensor& gram_t,
@@ -23,40 +23,30 @@ void head_distances_impl(const at::Tensor& o_t, const at::Tensor& delta_t, const
   acc_t* l2 = l2_t.data_ptr<acc_t>();
   acc_t* cosd = cos_t.data_ptr<acc_t>();
 
-  // G_h^T, so that (G_h d)[x] = sum_y d[y] G_h^T[y, x] runs over contiguous rows (axpy form).
-  std::vector<acc_t> gt(H * D * D);
-  std::vector<acc_t> A(H);
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const acc_t* G = gram + h * D * D;
-      acc_t* GT = gt.data() + h * D * D;
-      for (int64_t x = 0; x < D; ++x)
-        for (int64_t y = 0; y < D; ++y) GT[y * D + x] = G[x * D + y];
-      acc_t a = 0;  // A_h = sum_x o_x (G o)_x
-      for (int64_t x = 0; x < D; ++x) a += o[h * D + x] * dot<acc_t>(G + x * D, o + h * D, D);
-      A[h] = a;
-    }
-  });
+  std::vector<acc_t> A(H);  // A_h = sum_x o_x (G o)_x
+  for (int64_t h = 0; h < H; ++h) {
+    const acc_t* G = gram + h * D * D;
+    acc_t a = 0;
+    for (int64_t x = 0; x < D; ++x) a += o[h * D + x] * dot<acc_t>(G + x * D, o + h * D, D);
+    A[h] = a;
+  }
 
+  // Work item: one head, kTile rows of T. G_h delta for the tile is one small GEMM (BLAS, through
+  // at::mm_out on a strided view of delta: no copy) into a per-thread [kTile, D] buffer; then B and C
+  // are row reductions against it. Nothing of size [T, H, D] is formed.
   const int64_t ntiles = (T + kTile - 1) / kTile;
   at::parallel_for(0, H * ntiles, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<acc_t> gd(kTile * D);
+    at::Tensor gd_buf = at::empty({kTile, D}, delta_t.options());
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t h = w / ntiles, tile = w % ntiles;
-      const int64_t t0 = tile * kTile, t1 = std::min(T, t0 + kTile), n = t1 - t0;
-      const acc_t* GT = gt.data() + h * D * D;
-      std::fill(gd.begin(), gd.begin() + n * D, acc_t(0));
-      for (int64_t y = 0; y < D; ++y) {  // one row of G^T serves the whole tile
-        const acc_t* gy = GT + y * D;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t dy = delta[((t0 + i) * H + h) * D + y];
-          axpy<acc_t>(gd.data() + i * D, dy, gy, D);
-        }
-      }
+      const int64_t t0 = tile * kTile, n = std::min(T, t0 + kTile) - t0;
+      at::Tensor gd = gd_buf.narrow(0, 0, n);
+      at::mm_out(gd, delta_t.select(1, h).narrow(0, t0, n), gram_t[h].t());  // gd[t, x] = sum_y d[t, y] G[x, y]
+      const acc_t* gdp = gd.data_ptr<acc_t>();
       for (int64_t i = 0; i < n; ++i) {
         const acc_t* drow = delta + ((t0 + i) * H + h) * D;
-        const acc_t C = dot<acc_t>(drow, gd.data() + i * D, D);
-        const acc_t B = dot<acc_t>(o + h * D, gd.data() + i * D, D);
+        const acc_t C = dot<acc_t>(drow, gdp + i * D, D);
+        const acc_t B = dot<acc_t>(o + h * D, gdp + i * D, D);
         const int64_t idx = (t0 + i) * H + h;
         distances_from_moments<acc_t>(A[h], B, C, l2 + idx, cosd + idx);
       }
