@@ -1,0 +1,108 @@
+"""Triton shared-prefix batched decode attention (``maskvl::decode_attention`` for CUDA tensors).
+
+``q [B, H, D]``, ``k_prefix, v_prefix [T, KV, D]`` shared, ``k_own, v_own [B, KV, D]``, ``exclude [B]``
+-> ``out [B, H, D]`` in the compute dtype; same semantics as ``maskvl/ops/decode_attention.py``
+(exclude -1 or any value outside [0, T]: none; e < T: prefix key e; e == T: the variant's own row).
+
+One program per (KV head, block of variants): its BLOCK_R query rows are (variant, head-of-group)
+pairs, so every prefix tile is loaded once per program and used by all of them through ``tl.dot``
+(fp32 in IEEE precision; fp64 for fp64 inputs); online softmax over prefix tiles, then the own row.
+The prefix is never expanded per variant. Tiles: BLOCK_R >= 16, BLOCK_T = 32, BLOCK_D >= 16, powers of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from maskvl.measures import compute_dtype
+
+
+@triton.jit
+def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
+            B, H, T, D, skt, skh, svt, svh, skob, skoh, svob, svoh,
+            G: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    kv = tl.program_id(0)
+    r = tl.arange(0, BLOCK_R)
+    bi = r // G
+    b = tl.program_id(1) * BB + bi
+    rv = (bi < BB) & (b < B)  # rows past BB * G or past the last variant are padding
+    h = kv * G + r % G
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    rmask = rv[:, None] & md[None, :]
+    q = tl.load(q_ptr + (b[:, None] * H + h[:, None]) * D + offs_d[None, :], mask=rmask, other=0.0).to(ACC)
+    ex = tl.load(ex_ptr + b, mask=rv, other=-1)
+    scale = tl.load(scale_ptr)
+    ninf = float("-inf")
+    m = tl.full([BLOCK_R], ninf, ACC)
+    l = tl.zeros([BLOCK_R], ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mt = offs_t < T
+        tmask = mt[:, None] & md[None, :]
+        k = tl.load(kp_ptr + offs_t[:, None] * skt + kv * skh + offs_d[None, :], mask=tmask, other=0.0).to(ACC)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_R, BLOCK_T]
+        keep = mt[None, :] & (offs_t[None, :] != ex[:, None])
+        s = tl.where(keep, s, ninf)
+        mn = tl.maximum(m, tl.max(s, axis=1))
+        # Rows that have seen no kept key yet keep mn = -inf: subtract 0 instead, so exp(-inf) = 0
+        # rather than exp(nan).
+        mns = tl.where(mn == ninf, 0.0, mn)
+        alpha = tl.exp(m - mns)
+        p = tl.where(keep, tl.exp(s - mns[:, None]), 0.0)
+        v = tl.load(vp_ptr + offs_t[:, None] * svt + kv * svh + offs_d[None, :], mask=tmask, other=0.0).to(ACC)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = mn
+    # The variant's own final-position key/value row.
+    ko = tl.load(ko_ptr + b[:, None] * skob + kv * skoh + offs_d[None, :], mask=rmask, other=0.0).to(ACC)
+    vo = tl.load(vo_ptr + b[:, None] * svob + kv * svoh + offs_d[None, :], mask=rmask, other=0.0).to(ACC)
+    so = tl.sum(q * ko, axis=1) * scale
+    keep_o = ex != T
+    so = tl.where(keep_o, so, ninf)
+    mn = tl.maximum(m, so)
+    mns = tl.where(mn == ninf, 0.0, mn)
+    alpha = tl.exp(m - mns)
+    po = tl.where(keep_o, tl.exp(so - mns), 0.0)
+    l = l * alpha + po
+    acc = acc * alpha[:, None] + po[:, None] * vo
+    out = acc / l[:, None]
+    tl.store(out_ptr + (b[:, None] * H + h[:, None]) * D + offs_d[None, :], out, mask=rmask)
+
+
+def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor,
+                     v_own: torch.Tensor, scale: float, exclude: torch.Tensor) -> torch.Tensor:
+    """Launch the shared-prefix decode attention kernel; returns ``out [B, H, D]`` in the compute dtype."""
+    if q.dim() != 3 or k_prefix.dim() != 3 or k_prefix.shape != v_prefix.shape or k_prefix.shape[2] != q.shape[2]:
+        raise ValueError(f"decode_attention: need q [B, H, D], k_prefix = v_prefix [T, KV, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k_prefix.shape)}, {tuple(v_prefix.shape)}")
+    B, H, D = q.shape
+    T, KV, _ = k_prefix.shape
+    if H % KV or k_own.shape != (B, KV, D) or v_own.shape != (B, KV, D) or exclude.shape != (B,):
+        raise ValueError(f"decode_attention: need H ({H}) a multiple of KV ({KV}), k_own = v_own [{B}, {KV}, {D}], "
+                         f"exclude [{B}]; got {tuple(k_own.shape)}, {tuple(v_own.shape)}, {tuple(exclude.shape)}")
+    G = H // KV
+    cd = compute_dtype(q.dtype)
+    dev = q.device
+    q = q.contiguous()
+    k_prefix, v_prefix, k_own, v_own = (x if x.stride(-1) == 1 else x.contiguous()
+                                        for x in (k_prefix, v_prefix, k_own, v_own))
+    exclude = exclude.to(device=dev, dtype=torch.int64).contiguous()
+    out = torch.empty(B, H, D, dtype=cd, device=dev)
+    if B == 0:
+        return out
+    BLOCK_R = max(32, triton.next_power_of_2(G))
+    BB = BLOCK_R // G  # variants per program
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    scale_t = torch.full((1,), scale, dtype=cd, device=dev)  # a float kernel argument would be fp32
+    acc = tl.float64 if cd == torch.float64 else tl.float32
+    _decode[(KV, triton.cdiv(B, BB))](
+        q, k_prefix, v_prefix, k_own, v_own, exclude, scale_t, out,
+        B, H, T, D, k_prefix.stride(0), k_prefix.stride(1), v_prefix.stride(0), v_prefix.stride(1),
+        k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1),
+        G=G, BB=BB, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_T=32, BLOCK_D=BLOCK_D)
+    return out

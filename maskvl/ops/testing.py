@@ -1,0 +1,155 @@
+"""Test support for the compiled ops: brute-force float64 references, input builders and the
+row-wise relative comparison the op tests use. Imported by ``tests/test_op_*.py``; no pytest here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..measures import compute_dtype
+
+# Relative tolerances per compute dtype (NOTES.md: float64 1e-12, float32 1e-5).
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def case_id(T: int, D: int, H: int, KV: int, dtype: torch.dtype) -> str:
+    """Readable parametrize id, e.g. ``T97-D48-H8-KV2-float64``."""
+    return f"T{T}-D{D}-H{H}-KV{KV}-{str(dtype).removeprefix('torch.')}"
+
+
+def device_for(backend_name: str) -> torch.device:
+    """Where a backend's test tensors live: CPU for cpp; CUDA for triton if there is one, else CPU
+    (the Triton interpreter)."""
+    if backend_name == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def compiled_backend(name: str):
+    """``(backend, device)`` for the op tests of a compiled backend; skips the test (or fails it, if
+    ``name`` is in ``MASKVL_REQUIRE_BACKENDS``) with the reason when the backend is unavailable."""
+    import pytest
+
+    from . import backend_status, get_backend
+
+    dev = device_for(name)
+    reason = backend_status(dev)[name]
+    if reason is not None:
+        if name in required_backends():
+            pytest.fail(f"backend {name!r} is required (MASKVL_REQUIRE_BACKENDS) but unavailable: {reason}")
+        pytest.skip(f"backend {name!r} unavailable on {dev}: {reason}")
+    return get_backend(name, dev), dev
+
+
+def shape_cases() -> list[tuple[int, int, int, int]]:
+    """``(T, D, H, KV)``: T in {1, 2, 97, 1025}, head_dim in {48, 64, 128}, GQA ratios 1 and 4. The
+    T = 1025 cases have fewer heads to keep the Triton interpreter fast."""
+    out = []
+    for T in (1, 2, 97, 1025):
+        for D in (48, 64, 128):
+            for ratio in (1, 4):
+                if T == 1025:
+                    H, KV = (2, 2) if ratio == 1 else (4, 1)
+                else:
+                    H, KV = (4, 4) if ratio == 1 else (8, 2)
+                out.append((T, D, H, KV))
+    return out
+
+
+def required_backends() -> set[str]:
+    """Backends named in ``MASKVL_REQUIRE_BACKENDS`` (comma separated): their tests fail, rather than
+    skip, when the backend is unavailable (for CI that must exercise them)."""
+    return {x.strip() for x in os.environ.get("MASKVL_REQUIRE_BACKENDS", "").split(",") if x.strip()}
+
+
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "",
+                      atol: float | torch.Tensor = 0.0) -> None:
+    """Every row (last dim) of ``actual`` within ``rtol`` of ``expected`` relative to the row's size:
+    ``max|a - e| <= rtol * max|e| + atol`` per row (``atol`` broadcasts over the rows; 0 by default,
+    so all-zero rows must match exactly). Also checks shape, dtype and that ``actual`` is finite
+    wherever ``expected`` is.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    fin = torch.isfinite(e)
+    assert torch.equal(torch.isfinite(a), fin), f"{what}: non-finite values where the reference is finite"
+    a = torch.where(fin, a, 0.0)
+    e = torch.where(fin, e, 0.0)
+    if a.dim() == 0:
+        a, e = a.reshape(1, 1), e.reshape(1, 1)
+    elif a.dim() == 1:  # vectors of scalars (distances): compare elementwise
+        a, e = a.unsqueeze(-1), e.unsqueeze(-1)
+    err = (a - e).abs().amax(-1)
+    size = e.abs().amax(-1)
+    atol = torch.as_tensor(atol, dtype=torch.float64).expand_as(size)
+    bad = err > rtol * size + atol
+    if bool(bad.any()):
+        rel = (err - atol).clamp_min(0) / size.clamp_min(torch.finfo(torch.float64).tiny)
+        idx = tuple(int(i) for i in (rel == rel.max()).nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} rows off by more than rtol={rtol:g}; "
+                             f"worst relative error {rel.max().item():.3g} at row {idx}")
+
+
+def assert_elements_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "",
+                          atol: float = 0.0) -> None:
+    """Elementwise ``|a - e| <= rtol * |e| + atol`` (for distances, which are >= 0)."""
+    assert_rows_close(actual.reshape(-1), expected.reshape(-1), rtol, what, atol=atol)
+
+
+def make_sink(q: torch.Tensor, k: torch.Tensor, scale: float, key: int, gap: float) -> torch.Tensor:
+    """A copy of ``k [T, KV, D]`` where key ``key`` scores ``gap`` above every other key, for every head.
+
+    For each KV group the sink key is the least-norm solution of ``scale <q_h, x> = max_t s_ht + gap``
+    over the group's query heads (exact: G <= D), computed in float64 and rounded to k's dtype.
+    """
+    H, D = q.shape
+    T, KV, _ = k.shape
+    G = H // KV
+    q64, k64 = q.double(), k.double().clone()
+    for kv in range(KV):
+        Q = q64[kv * G:(kv + 1) * G]  # [G, D]
+        s = scale * (Q @ k64[:, kv].T)  # [G, T]
+        s[:, key] = float("-inf")
+        target = (s.amax(-1) + gap) / scale  # [G]
+        k64[key, kv] = torch.linalg.lstsq(Q, target.unsqueeze(-1)).solution.squeeze(-1)
+    return k64.to(k.dtype)
+
+
+def loo_bruteforce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out attention by explicit masking in float64: for every key p a full softmax with
+    score p at -inf. ``O(T^2 H D)``; ``o [H, D]``, ``delta [T, H, D]`` in float64.
+
+    Its own resolution is absolute, not relative: ``delta = masked - clean`` is a float64 difference of
+    two outputs of size ``|o|``, so rows with ``|delta| << |o|`` carry an error of about
+    ``T * eps64 * max|v|`` (see :func:`bruteforce_atol`)."""
+    H, D = q.shape
+    T, KV, _ = k.shape
+    heads = torch.arange(H) // (H // KV)
+    q64, kh, vh = q.double(), k.double()[:, heads], v.double()[:, heads]  # [T, H, D]
+    s = torch.einsum("hd,thd->ht", q64, kh) * scale  # [H, T]
+    o = torch.einsum("ht,thd->hd", torch.softmax(s, -1), vh)
+    if T == 1:
+        return o, (-o).unsqueeze(0)
+    S = s.unsqueeze(0).repeat(T, 1, 1)  # [p, H, T]
+    idx = torch.arange(T)
+    S[idx, :, idx] = float("-inf")
+    om = torch.einsum("pht,thd->phd", torch.softmax(S, -1), vh)
+    return o, om - o
+
+
+def random_gram(H: int, D: int, d_model: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Head Gram matrices of a random o_proj weight ``[d_model, H * D]``: ``[H, D, D]``, PSD."""
+    from .head_distances import head_grams
+
+    w = torch.randn(d_model, H * D, generator=gen, dtype=torch.float64) / d_model ** 0.5
+    return head_grams(w, H, compute_dtype(dtype))
+
+
+def bruteforce_atol(v: torch.Tensor, T: int) -> float:
+    """The absolute resolution of :func:`loo_bruteforce`'s delta: a float64 difference of two softmax
+    averages of the rows of ``v`` (with generous headroom for the T-term sums)."""
+    return 4 * T * torch.finfo(torch.float64).eps * float(v.double().abs().max())
