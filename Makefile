@@ -34,9 +34,10 @@ demo: install
 	@if $(BIN)/maskvl view --help >/dev/null 2>&1; then \
 	  $(BIN)/maskvl view maskvl-out/demo.parquet -o maskvl-out/demo.html; fi
 
-# TRITON_INTERPRET=1 runs the Triton kernels on the CPU (it must be set before triton is imported).
+# TRITON_INTERPRET=1 runs the Triton kernels on the CPU (it must be set before triton is imported);
+# MASKVL_REQUIRE_BACKENDS turns "backend unavailable" skips into failures, so a broken build shows.
 test: install browser
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 MASKVL_REQUIRE_BACKENDS=cpp,triton $(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python benchmarks/run.py --device cpu --preset ci

@@ -68,7 +68,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["maskvl", "maskvl.*", "kernels", "kernels.*"]),
+    # kernels/ installs as maskvl._kernels: a top-level "kernels" would collide with Hugging Face's package.
+    packages=find_packages(include=["maskvl", "maskvl.*"]) + ["maskvl._kernels"],
+    package_dir={"maskvl._kernels": "kernels"},
     install_requires=[
         # torch is not pinned here: GPU users bring their own build. The ranges are those run so far.
         "torch>=2.11,<2.14",

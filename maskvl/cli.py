@@ -191,31 +191,21 @@ def info() -> None:
     """Versions, devices, the compiled extension's status, and the backend auto picks."""
     import platform
 
-    import torch
 
     from . import __version__
     from . import ops
 
-    click.echo(f"maskvl        {__version__}")
-    click.echo(f"python        {platform.python_version()}")
-    describe = getattr(ops, "describe", None)
-    if describe is not None:
-        for k, v in describe().items():
-            click.echo(f"{k:<13} {v}")
-        return
-    import transformers
-
-    click.echo(f"torch         {torch.__version__}")
-    click.echo(f"transformers  {transformers.__version__}")
-    click.echo(f"cuda          {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
-    for name, why in ops.backend_status("cpu").items():
-        click.echo(f"backend {name:<9} {'available' if why is None else 'unavailable: ' + why}")
-
-
-from .batch import batch_command  # noqa: E402
-cli.add_command(batch_command, "batch")
-from .render import render_command  # noqa: E402
-cli.add_command(render_command, "render")
+    click.echo(f"{'maskvl':<17} {__version__}")
+    click.echo(f"{'python':<17} {platform.python_version()}")
+    d = ops.describe()
+    for key in ("torch", "triton", "transformers", "cuda_device", "cpp", "triton_interpret"):
+        if key in d:
+            click.echo(f"{key:<17} {d[key]}")
+    for dev, backends in d.get("status", {}).items():
+        for name, why in backends.items():
+            click.echo(f"{dev + ' ' + name:<17} {'available' if why is None else 'unavailable: ' + why}")
+    for dev, name in d.get("auto", {}).items():
+        click.echo(f"{'auto on ' + dev:<17} {name}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,7 +83,9 @@ def test_triton_backend_on_cpu_follows_status():
     if reason is None:
         b = ops.get_backend("triton", "cpu")
         assert isinstance(b, ops.TritonBackend)
-        import kernels
+        from maskvl.ops import load_kernels
+
+        kernels = load_kernels()
 
         assert kernels.interpreted()
     else:
@@ -94,7 +96,9 @@ def test_triton_backend_on_cpu_follows_status():
 def test_triton_kernels_are_registered_for_cuda():
     if ops.backend_status("cpu")["triton"] is not None and not torch.cuda.is_available():
         pytest.skip(f"triton unavailable here: {ops.backend_status('cpu')['triton']}")
-    import kernels  # noqa: F401
+    from maskvl.ops import load_kernels
+
+    load_kernels()
 
     for name in ("loo_attention", "head_distances", "vector_distances", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"maskvl::{name}", "CUDA"), name

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from maskvl.engine import Engine, SweepConfig
 from maskvl.inputs import load_image
 from maskvl.reference import reference_sweep, relative_l2_error
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _compare(adapter, image_paths, prompt, mode, steps, tol, row_tol, layers=None, logits=False, window=1,
@@ -83,3 +87,43 @@ def test_layer_subset_and_order(adapter64, images):
     # text mode skips exactly the image pads
     assert not set(res[0].layers[0].positions.tolist()) & set(range(prep.images[0].token_start,
                                                                      prep.images[0].token_end))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_each_backend_equals_reference_on_builtin_model(backend):
+    """End to end: the sweep with a compiled backend equals the reference backend (float64, Logits on)."""
+    import torch
+
+    from maskvl.models import BUILTIN_TINY, load_model
+    from maskvl.ops.testing import compiled_backend
+
+    be, _ = compiled_backend(backend)
+    a = load_model(BUILTIN_TINY, torch.float64, "cpu")
+    prep = a.prepare("What is in this picture?", [load_image(str(ROOT / "examples" / "sample.png"))], [None],
+                     max_pixels=128 * 128)
+    cfg = SweepConfig(mask_mode="both", num_tokens=2, logits=True, layers=[0, 3])
+    ref = list(Engine(a, "reference").run(prep, cfg))
+    got = list(Engine(a, be).run(prep, cfg))
+    assert [r.generated_id for r in ref] == [g.generated_id for g in got]
+    for r, g in zip(ref, got):
+        for lr, lg in zip(r.layers, g.layers):
+            for x, y in ((lr.l2, lg.l2), (lr.cos, lg.cos), (lr.kl[-1], lg.kl[-1]), (lr.tpd[-1], lg.tpd[-1])):
+                assert relative_l2_error(y, x) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_each_backend_against_brute_force(adapter64, images, backend):
+    from maskvl.ops.testing import compiled_backend
+
+    be, _ = compiled_backend(backend)
+    imgs = [load_image(str(images["tall"]))]
+    prep = adapter64.prepare("Which way?", imgs, [None])
+    fast = list(Engine(adapter64, be).run(prep, SweepConfig(mask_mode="both", num_tokens=1, logits=True,
+                                                             layers=[1])))
+    ref = reference_sweep(adapter64, prep, "both", 1, [1])
+    lr = fast[0].layers[0]
+    m = ref[0].logits_measures(1)
+    assert relative_l2_error(lr.l2[:-1], ref[0].l2[1]) <= 1e-9
+    assert relative_l2_error(lr.cos[:-1], ref[0].cos[1]) <= 1e-9
+    assert relative_l2_error(lr.l2[-1], m["l2"]) <= 1e-9
+    assert relative_l2_error(lr.kl[-1], m["kl"]) <= 1e-9

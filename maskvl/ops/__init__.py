@@ -85,6 +85,41 @@ class CppBackend(Backend):
         return torch.ops.maskvl.decode_attention(q, k_prefix, v_prefix, k_own, v_own, float(scale), exclude)
 
 
+KERNELS_MODULE = "maskvl._kernels"
+
+
+def load_kernels():
+    """The Triton kernels package (the top-level ``kernels/`` folder), imported as ``maskvl._kernels``.
+
+    Installed, setup.py maps ``kernels/`` to ``maskvl._kernels`` (a top-level ``kernels`` package would
+    collide with Hugging Face's ``kernels``, which transformers probes for). In a source checkout run in
+    place, the folder beside ``maskvl/`` is loaded under the same name. Importing it imports triton.
+    """
+    mod = sys.modules.get(KERNELS_MODULE)
+    if mod is not None:
+        return mod
+    try:
+        return importlib.import_module(KERNELS_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != KERNELS_MODULE:
+            raise
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location(KERNELS_MODULE, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"the Triton kernels are not installed (looked in {folder})", name=KERNELS_MODULE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[KERNELS_MODULE] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[KERNELS_MODULE]
+        raise
+    return mod
+
+
 class TritonBackend(Backend):
     """The Triton kernels. CUDA tensors go through ``torch.ops.maskvl.*`` (the kernels are registered
     for CUDA); CPU tensors call the launchers directly, which works under ``TRITON_INTERPRET=1`` only."""
@@ -92,9 +127,8 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self) -> None:
-        import kernels  # imports triton; TRITON_INTERPRET must be set before this for CPU tensors
-
-        self._k = kernels
+        # Imports triton; TRITON_INTERPRET must be set before this for CPU tensors.
+        self._k = load_kernels()
 
     def loo_attention(self, q, k, v, scale: float):
         if q.is_cuda:
@@ -124,7 +158,7 @@ def _triton_status(dev: torch.device) -> str | None:
         if not torch.cuda.is_available():
             return f"no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda})"
     elif dev.type == "cpu":
-        mod = sys.modules.get("kernels")
+        mod = sys.modules.get(KERNELS_MODULE)
         if mod is not None and hasattr(mod, "interpreted"):
             if not mod.interpreted():
                 return "the Triton kernels were imported without TRITON_INTERPRET=1 (set it before importing triton)"
@@ -133,7 +167,7 @@ def _triton_status(dev: torch.device) -> str | None:
     else:
         return f"the Triton kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {dev.type}"
     try:
-        import kernels  # noqa: F401
+        load_kernels()
     except Exception as exc:  # a broken triton install, or a kernel that fails to build at import
         return f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
     return None
