@@ -191,9 +191,7 @@ def info() -> None:
     """Versions, devices, the compiled extension's status, and the backend auto picks."""
     import platform
 
-
-    from . import __version__
-    from . import ops
+    from . import __version__, ops
 
     click.echo(f"{'maskvl':<17} {__version__}")
     click.echo(f"{'python':<17} {platform.python_version()}")
