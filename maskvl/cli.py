@@ -206,6 +206,13 @@ def info() -> None:
         click.echo(f"{'auto on ' + dev:<17} {name}")
 
 
+from .batch import batch_command  # noqa: E402  (commands in their own modules)
+from .render import render_command  # noqa: E402
+
+cli.add_command(batch_command, "batch")
+cli.add_command(render_command, "render")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click with one-line errors instead of usage dumps and tracebacks."""
     if os.environ.get("MASKVL_LOG") or "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
