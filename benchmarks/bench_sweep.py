@@ -73,6 +73,16 @@ def commit() -> str:
         return "unknown"
 
 
+def worktree_dirty() -> bool | None:
+    """Whether tracked files differ from ``commit()`` (then the numbers are not exactly that commit's)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -372,7 +382,7 @@ def run_cases(cases: list[Case], device: torch.device, dtype: torch.dtype, backe
               full_baseline: bool = False) -> list[dict[str, Any]]:
     """Run ``cases`` (models built once per shape); write the records to ``json_path`` after every case."""
     backends = backends or available_backends(device)
-    common = {"commit": commit(), "machine": machine(device)}
+    common = {"commit": commit(), "commit_dirty": worktree_dirty(), "machine": machine(device)}
     records: list[dict[str, Any]] = []
     adapters: dict[tuple[str, int | None], Any] = {}
     for case in cases:

@@ -89,6 +89,12 @@ def test_suite_smoke(tmp_path):
                for r in sub)
     assert all(r["naive_s"] > r["naive_measured_s"] for r in sub)
 
+    from benchmarks.plot import plot
+
+    png = tmp_path / "scaling.png"
+    plot(records, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_cli_custom_case(tmp_path, capsys):
     out = tmp_path / "cli.json"
