@@ -127,7 +127,12 @@ def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str 
             model = Qwen3VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(prev)
-    model = model.to(device=device, dtype=dtype).eval()
+    # Parameters are already in ``dtype``; no ``.to(dtype)``: it would also cast the rotary ``inv_freq``
+    # buffers, which transformers keeps in float32 (as ``from_pretrained(dtype=...)`` does).
+    bad = {p.dtype for p in model.parameters()} - {dtype}
+    if bad:
+        raise RuntimeError(f"parameters built in {bad}, expected {dtype}")
+    model = model.eval()
     settings = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k not in ("image_processor_type", "processor_class")}
     processor = Qwen2VLImageProcessorPil(**settings)
     return Qwen3VLAdapter(model, tokenizer, processor, f"random-qwen3-vl-{shape.name}")
