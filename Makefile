@@ -29,7 +29,7 @@ browser:
 
 demo: install
 	$(BIN)/maskvl sweep --model builtin:tiny-qwen3-vl --image examples/sample.png \
-	  --prompt "What is in this picture? Be brief." --mask-mode both --num-tokens 3 \
+	  --prompt "What is in this picture? Be brief." --mask-mode both --num-tokens 3 --logits \
 	  --output maskvl-out/demo.parquet
 	@if $(BIN)/maskvl view --help >/dev/null 2>&1; then \
 	  $(BIN)/maskvl view maskvl-out/demo.parquet -o maskvl-out/demo.html; fi
