@@ -72,7 +72,9 @@ setup(
     packages=find_packages(include=["maskvl", "maskvl.*"]) + ["maskvl._kernels"],
     package_dir={"maskvl._kernels": "kernels"},
     install_requires=[
-        # torch is not pinned here: GPU users bring their own build. The ranges are those run so far.
+        # torch is not pinned here: GPU users bring their own build. Run so far: torch 2.13.0 (CPU) with
+        # transformers 5.17.0 and 5.23.0. torch 2.11 is the lent GPU machines' version: admitted so the
+        # package installs there without a network, not yet run (no GPU session so far).
         "torch>=2.11,<2.14",
         "transformers>=5.17,<5.24",
         "pillow>=10",
