@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
     meta = finish_meta(True)
     path = sink.close(meta) if sink is not None else None
     table = pa.concat_tables(tables) if tables else io.schema(float64).empty_table()
-    table = table.replace_schema_metadata({io.METADATA_KEY: __import__("json").dumps(meta)})
+    table = table.replace_schema_metadata({io.METADATA_KEY: json.dumps(meta)})
     gen_text = adapter.tokenizer.decode([g["id"] for g in generated], skip_special_tokens=False) \
         if hasattr(adapter, "tokenizer") else ""
     return SweepOutcome(table, meta, path, time.perf_counter() - t0, gen_text, prepared.images)

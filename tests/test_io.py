@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_api_with_loaded_transformers_objects(adapter32, images):
     df = t.to_pandas()
     assert set(df.layer) == {1} and set(df.token_kind) == {"image"}
     assert df[df.variant == "Logits"].kl_divergence.notna().all()
-    md = __import__("json").loads(t.schema.metadata[b"maskvl"])
+    md = json.loads(t.schema.metadata[b"maskvl"])
     assert md["variants"][-1] == "Logits" and md["complete"]
 
 
