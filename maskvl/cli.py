@@ -73,21 +73,18 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_
     from .engine import SweepConfig, parse_layers
     from .inputs import check_prompt, load_image
 
-    if num_tokens < 1:
-        raise MaskvlError(f"--num-tokens must be at least 1 (got {num_tokens})")
+    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=parse_layers(layers), backend=backend,
+                         logits=logits, knockout_window=knockout_window)
+    config.check()  # fail before the (slow) model load
     if max_pixels is not None and max_pixels < 1:
         raise MaskvlError("--max-pixels must be positive")
     check_prompt(prompt)
-    for path in images:  # fail before the (slow) model load
+    for path in images:
         load_image(path)
     if mask_mode == "vision" and not images:
         raise MaskvlError("--mask-mode vision needs at least one --image")
-    if knockout_window < 1:
-        raise MaskvlError(f"--knockout-window must be at least 1 (got {knockout_window})")
     if (target_token is not None or knockout_window != 1) and not logits:
         raise MaskvlError("--target-token and --knockout-window need --logits")
-    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=parse_layers(layers), backend=backend,
-                         logits=logits, knockout_window=knockout_window)
     out = output or str(default_output(prompt))
 
     from .models import load_model, resolve_device, resolve_dtype

@@ -44,13 +44,18 @@ class SweepConfig:
     target_token: int | None = None
     max_batch_rows: int = 4096
 
-    def validate(self, num_layers: int) -> list[int]:
+    def check(self) -> None:
+        """The checks that need no model (the CLI runs them before the slow model load)."""
         if self.knockout_window < 1:
             raise InputError(f"--knockout-window must be at least 1 (got {self.knockout_window})")
         if self.mask_mode not in MASK_MODES:
             raise InputError(f"unknown mask mode {self.mask_mode!r} (choose from {', '.join(MASK_MODES)})")
         if self.num_tokens < 1:
             raise InputError(f"--num-tokens must be at least 1 (got {self.num_tokens})")
+
+    def validate(self, num_layers: int) -> list[int]:
+        """All checks; returns the measured layers, ascending."""
+        self.check()
         layers = list(range(num_layers)) if self.layers is None else sorted(set(self.layers))
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if bad:

@@ -93,17 +93,17 @@ def _nullable(values: np.ndarray) -> pa.Array:
 
 
 def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants: list[str],
-               float64: bool = False, extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+               float64: bool = False) -> pa.Table:
     """The rows of one step, sorted by layer, variant (natural order), position.
 
     ``layer_results`` items have ``layer``, ``positions [P]``, ``l2 [V, P]``, ``cos [V, P]`` with the
-    variants in ``variants`` order; ``extra`` may carry ``kl_divergence``/``target_prob_delta`` arrays
-    aligned with the rows (NaN where null).
+    variants in ``variants`` order, and ``kl``/``tpd [V, P]`` (NaN where null) or None.
     """
     ft = np.float64 if float64 else np.float32
     V = len(variants)
     layer_col, pos_col, var_col, l2_col, cos_col = [], [], [], [], []
-    if extra is None and any(getattr(lr, "kl", None) is not None for lr in layer_results):
+    extra: dict[str, np.ndarray] = {}
+    if any(getattr(lr, "kl", None) is not None for lr in layer_results):
         extra = {
             "kl_divergence": np.concatenate([np.asarray(lr.kl, ft).reshape(-1) for lr in layer_results]),
             "target_prob_delta": np.concatenate([np.asarray(lr.tpd, ft).reshape(-1) for lr in layer_results]),
@@ -123,7 +123,6 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
     kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
     f = pa.float64() if float64 else pa.float32()
     null_f = pa.nulls(n, type=f)
-    extra = extra or {}
 
     def opt(name: str) -> pa.Array:
         if name not in extra:

@@ -25,10 +25,10 @@ MODEL_TYPES = ("qwen3_vl",)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # Same as transformers' rotate_half for Qwen3-VL: (-x2, x1).
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+    # The model's own rotate_half, so the replayed RoPE is the model's arithmetic.
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
+
+    return rotate_half(x)
 
 
 def _load_image_processor(path: str, verbose: bool):
