@@ -6,7 +6,7 @@ For each case, on the same prepared inputs in the same process:
   added later is picked up with no change here), and again with ``logits`` when the engine's
   ``SweepConfig`` has such a field;
 * the baseline: the prototype's algorithm done right (``benchmarks.prototype_algorithm``);
-* for small cases, the brute force (``maskvl.reference.reference_sweep``).
+* for small cases, the brute force (``maskvl.naive.naive_sweep``).
 
 One record per (case, baseline, backend, logits). Times exclude a warm-up; CUDA is synchronized around
 every timed region. When a case times the baseline on a subset of layers and/or masked positions, the
@@ -34,7 +34,7 @@ from benchmarks.models import build_adapter, get_shape, prepare
 from benchmarks.prototype_algorithm import PrototypeStep, prototype_sweep
 from maskvl import ops
 from maskvl.engine import Engine, SweepConfig, mask_positions
-from maskvl.reference import reference_sweep, relative_l2_error
+from maskvl.naive import naive_sweep, relative_l2_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ class Case:
 
     ``naive_layers``: None measures the baseline on every layer; an int n on n layers evenly spread.
     ``naive_positions``: None measures every masked position; an int n on n positions evenly spread.
-    ``bruteforce``: also time ``maskvl.reference.reference_sweep`` (every layer, every position).
+    ``bruteforce``: also time ``maskvl.naive.naive_sweep`` (every layer, every position).
     """
 
     name: str
@@ -245,7 +245,7 @@ def time_bruteforce(adapter: Any, prepared: Any, case: Case):
     with PeakMemory(dev) as mem:
         sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
-        steps = reference_sweep(adapter, prepared, case.mask_mode, case.steps)
+        steps = naive_sweep(adapter, prepared, case.mask_mode, case.steps)
         sync(dev)
         measured = time.perf_counter() - t0
     mem.cpu_s = time.process_time() - c0

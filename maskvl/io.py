@@ -9,11 +9,12 @@ A SIGKILL leaves only the hidden temporary file, which :func:`clean_stale_temps`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -154,6 +155,7 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
 
 
 def _tmp_path(path: Path) -> Path:
+    """A new hidden temporary file beside ``path`` (same folder, so the final rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file 0600; published files get the usual umask-based mode.
@@ -161,6 +163,34 @@ def _tmp_path(path: Path) -> Path:
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)
     return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a file atomically: yields a hidden temporary path beside ``target``; on a clean exit it is
+    renamed onto ``target`` (``os.replace``), on an error it is removed and ``target`` is untouched.
+
+    The one way maskvl publishes files (Parquet, CSV, PNG, HTML), so a final name never holds a
+    half-written file. Temporaries carry :data:`TEMP_MARKER`, which :func:`clean_stale_temps` finds.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``target`` atomically; returns the path."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(target)
 
 
 def partial_path(path: Path) -> Path:
@@ -219,12 +249,8 @@ def write_csv(parquet: Path, csv_path: Path) -> Path:
     table = table.cast(pa.schema([
         pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in table.schema
     ]))
-    tmp = _tmp_path(csv_path)
-    try:
+    with atomic_path(csv_path) as tmp:
         pacsv.write_csv(table, tmp)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return csv_path
 
 

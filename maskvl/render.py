@@ -10,7 +10,6 @@ images. Files are written atomically (hidden temporary file, then ``os.replace``
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,19 +148,8 @@ def _load_background(path: str | None, override: str | None) -> tuple[Any, str |
 def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
     from . import io
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{io.TEMP_MARKER}", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        # mkstemp creates 0600 files; give the PNG the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with io.atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int) -> Any:

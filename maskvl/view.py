@@ -16,8 +16,9 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 import webbrowser
+
+from .io import atomic_write_text
 
 __all__ = ["ViewError", "write_page", "open_in_browser", "VIEWER_DIR"]
 
@@ -122,24 +123,6 @@ def _csp_hash(body: str) -> str:
     return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
 
 
-def _atomic_write(out: pathlib.Path, text: str) -> None:
-    """Write `text` to `out` via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix="." + out.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_page(
     parquet_path: str | os.PathLike[str],
     out_html: str | os.PathLike[str] | None = None,
@@ -233,7 +216,7 @@ def write_page(
     title = f"<title>{html.escape(src.name)} · maskvl viewer</title>"
     page = page.replace("<title>maskvl viewer</title>", title, 1)
 
-    _atomic_write(out, page)
+    atomic_write_text(out, page)
     return out.resolve()
 
 

@@ -13,7 +13,7 @@ from benchmarks.bench_sweep import Case, available_backends, extrapolate, run_ca
 from benchmarks.models import build_adapter, get_shape, grid_for, prepare
 from benchmarks.prototype_algorithm import PrototypeStep, prototype_sweep
 from maskvl.engine import Engine, SweepConfig
-from maskvl.reference import relative_l2_error
+from maskvl.naive import relative_l2_error
 
 
 @pytest.fixture(scope="module")

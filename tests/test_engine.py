@@ -9,7 +9,7 @@ import pytest
 
 from maskvl.engine import Engine, SweepConfig
 from maskvl.inputs import load_image
-from maskvl.reference import reference_sweep, relative_l2_error
+from maskvl.naive import naive_sweep, relative_l2_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ def _compare(adapter, image_paths, prompt, mode, steps, tol, row_tol, layers=Non
     cfg = SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers, logits=logits, knockout_window=window,
                       target_token=target)
     fast = list(Engine(adapter, "reference").run(prep, cfg))
-    ref = reference_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
+    ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
     assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
     assert len(fast) == len(ref) == steps
     worst = 0.0
@@ -120,7 +120,7 @@ def test_each_backend_against_brute_force(adapter64, images, backend):
     prep = adapter64.prepare("Which way?", imgs, [None])
     fast = list(Engine(adapter64, be).run(prep, SweepConfig(mask_mode="both", num_tokens=1, logits=True,
                                                              layers=[1])))
-    ref = reference_sweep(adapter64, prep, "both", 1, [1])
+    ref = naive_sweep(adapter64, prep, "both", 1, [1])
     lr = fast[0].layers[0]
     m = ref[0].logits_measures(1)
     assert relative_l2_error(lr.l2[:-1], ref[0].l2[1]) <= 1e-9

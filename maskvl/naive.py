@@ -148,7 +148,7 @@ def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[
 
 
 @dataclass
-class ReferenceStep:
+class NaiveStep:
     """Brute-force results of one step: per layer ``l2``/``cos`` ``[V, P]`` (variant order as the engine)."""
 
     step: int
@@ -169,8 +169,8 @@ class ReferenceStep:
 
 
 @torch.no_grad()
-def reference_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "text", num_tokens: int = 1,
-                    layers: list[int] | None = None, knockout_window: int = 1) -> list[ReferenceStep]:
+def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "text", num_tokens: int = 1,
+                    layers: list[int] | None = None, knockout_window: int = 1) -> list[NaiveStep]:
     """The naive method: a full masked forward per (step, layer, masked position).
 
     With ``knockout_window`` k the key is removed at layers L..L+k-1 (the Logits measure's window);
@@ -205,7 +205,7 @@ def reference_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = 
             logits_masked[layer] = torch.stack(rows_logits)
         logits_clean = next(iter(clean.values())).logits
         token = int(logits_clean.argmax())
-        steps.append(ReferenceStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked))
+        steps.append(NaiveStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked))
         if token in stops:
             break
         generated.append(token)
