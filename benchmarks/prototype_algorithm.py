@@ -1,17 +1,19 @@
 """The prototype's algorithm, done right: the baseline maskvl is benchmarked against.
 
-The prototype (``mask_impact_vl.py``, see ``shared/seeds``) ran, per generation step, a fresh prefill of
-the whole sequence (no KV-cache reuse), and then, for every decoder layer L and every masked position p,
-one masked pass of layer L over the WHOLE sequence: attention recomputed for every query, o_proj and the
-MLP over every position, of which only the final position was used. This module keeps that algorithm
-(and its cost) and fixes its errors (``shared/NOTES.md``, "The prototype's errors"):
+The prototype maskvl descends from (a script that swept Qwen3-VL one masked pass at a time) ran, per
+generation step, a fresh prefill of the whole sequence (no KV-cache reuse), and then, for every decoder
+layer L and every masked position p, one masked pass of layer L over the WHOLE sequence: attention
+recomputed for every query, o_proj and the MLP over every position, of which only the final position
+was used. This module keeps that algorithm (and its cost) and fixes what the prototype got wrong:
 
 * layer inputs are captured from the model's own forward (pre-hooks), so image features, 3D MRoPE
-  positions and the DeepStack additions are the real ones (errors 1, 2, 4);
+  positions and the DeepStack additions are the real ones (the prototype embedded the image pads
+  themselves, used 1-D positions and skipped DeepStack);
 * the replayed attention uses the model's q/k norms and rotary embedding and a causal mask; key p is
-  removed for the final query row only (errors 3, 5);
-* distances are computed in float32, or float64 for float64 models (error 6); nothing is caught and
-  replaced by zeros (error 7).
+  removed for the final query row only (the prototype skipped the norms and let image tokens attend
+  to each other both ways);
+* distances are computed in float32, or float64 for float64 models (the prototype used bf16); nothing
+  is caught and replaced by zeros (its out-of-memory fallback wrote zeros as results).
 
 It computes the same variants as maskvl (Full, Attn, Head_N; l2 and cosine distance), so its output can
 be checked against the engine's (``tests/test_benchmarks.py``), which keeps the comparison honest.

@@ -1,7 +1,12 @@
-"""The Python API: ``maskvl.sweep(...)`` and the orchestration shared with the CLI and batch runs."""
+"""The Python API: ``maskvl.sweep(...)`` and the orchestration shared with the CLI and batch runs.
+
+Options are checked by ``maskvl.options`` (the same checks and messages as the command line and batch
+jobs files); :func:`run_sweep` is the one path from resolved options to a written file.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -12,11 +17,12 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import torch
 
-from . import io, measures
-from .engine import Engine, SweepConfig, parse_layers
+from . import io, measures, options
+from .engine import Engine, SweepConfig
 from .errors import InputError
 from .inputs import check_prompt, load_image
-from .models import ModelAdapter, load_model, resolve_device, resolve_dtype
+from .models import ModelAdapter, adapter_for_loaded, load_model, resolve_device, resolve_dtype
+from .options import OPTIONS
 
 
 @dataclass
@@ -31,19 +37,16 @@ class SweepOutcome:
     images: list[Any] = field(default_factory=list)
 
 
-def _as_adapter(model: Any, dtype: str | torch.dtype | None, device: str | torch.device | None,
-                verbose: bool, tokenizer: Any = None, image_processor: Any = None) -> ModelAdapter:
+def as_adapter(model: Any, dtype: str | None = None, device: str | None = None, verbose: bool = False,
+               tokenizer: Any = None, image_processor: Any = None) -> ModelAdapter:
+    """A :class:`ModelAdapter` for a model spec (hub id, directory, ``builtin:...``), an adapter, or a
+    loaded transformers model (with its ``tokenizer`` and ``image_processor``)."""
     if isinstance(model, ModelAdapter):
         return model
     if isinstance(model, (str, os.PathLike)):
-        dev = resolve_device(str(device) if device is not None else None)
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
-        return load_model(str(model), dt, dev, verbose=verbose)
-    if tokenizer is None or image_processor is None:
-        raise InputError("pass tokenizer= and image_processor= with an already-loaded transformers model")
-    from .models.qwen3_vl import Qwen3VLAdapter
-
-    return Qwen3VLAdapter(model, tokenizer, image_processor, getattr(model, "name_or_path", "model"))
+        dev = resolve_device(device)
+        return load_model(str(model), resolve_dtype(dtype, dev), dev, verbose=verbose)
+    return adapter_for_loaded(model, tokenizer, image_processor)
 
 
 def default_output(prompt: str, directory: str = "maskvl-out") -> Path:
@@ -53,15 +56,20 @@ def default_output(prompt: str, directory: str = "maskvl-out") -> Path:
     return Path(directory) / f"{slug}.parquet"
 
 
-def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config: SweepConfig,
-              output: str | os.PathLike | None = None, csv: bool = False, max_pixels: int | None = None,
+def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: dict[str, Any],
+              output: str | os.PathLike | None = None,
               on_progress: Callable[[int, int], None] | None = None,
               on_note: Callable[[str], None] | None = None,
               extra_metadata: dict[str, Any] | None = None) -> SweepOutcome:
     """Prepare inputs, run the engine step by step, write Parquet as it goes; the shared core.
 
-    ``images`` are paths or PIL images. ``on_progress(done, total)`` is called after each layer.
+    ``opts`` are sweep options (``maskvl.options``; checked and completed here). ``images`` are paths or
+    PIL images. ``on_progress(done, total)`` is called after each layer.
     """
+    opts = options.resolve(opts, has_images=bool(images))
+    if images and not adapter.supports_images:
+        raise InputError(f"{adapter.model_id} is a text-only model: it takes no images")
+    config = SweepConfig.from_options(opts, resolve_target_token(adapter, opts["target_token"]))
     t0 = time.perf_counter()
     prompt = check_prompt(prompt)
     pil, paths = [], []
@@ -74,9 +82,9 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
             paths.append(None)
     layers = config.validate(adapter.num_layers)
     engine = Engine(adapter, config.backend)
-    prepared = adapter.prepare(prompt, pil, paths, max_pixels=max_pixels)
+    prepared = adapter.prepare(prompt, pil, paths, max_pixels=opts["max_pixels"])
     ids = prepared.input_ids[0].tolist()
-    limit = getattr(adapter, "max_positions", None)
+    limit = adapter.max_positions
     # Step s measures prompt + s tokens; RoPE models run past their trained range without complaint,
     # and what they compute there is meaningless.
     if limit and len(ids) + config.num_tokens - 1 > limit:
@@ -105,7 +113,7 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
                     complete=complete, seconds=round(time.perf_counter() - t0, 3))
         return meta
 
-    sink = io.ParquetSink(output, float64=float64, csv=csv) if output is not None else None
+    sink = io.ParquetSink(output, float64=float64, csv=opts["csv"]) if output is not None else None
     tables = []
     total = config.num_tokens * len(layers)
     done = 0
@@ -118,7 +126,7 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
 
     try:
         for res in engine.run(prepared, config, on_layer=on_layer, on_note=on_note):
-            table = io.rows_table(res.step, res.layers, tokens, variants, float64=float64)
+            table = io.rows_table(res.step, res.layers, tokens, float64=float64)
             if sink is not None:
                 sink.write(table)
             tables.append(table)
@@ -138,8 +146,7 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, config:
     path = sink.close(meta) if sink is not None else None
     table = pa.concat_tables(tables) if tables else io.schema(float64).empty_table()
     table = table.replace_schema_metadata({io.METADATA_KEY: json.dumps(meta)})
-    gen_text = adapter.tokenizer.decode([g["id"] for g in generated], skip_special_tokens=False) \
-        if hasattr(adapter, "tokenizer") else ""
+    gen_text = adapter.detokenize([g["id"] for g in generated])
     return SweepOutcome(table, meta, path, time.perf_counter() - t0, gen_text, prepared.images)
 
 
@@ -147,45 +154,42 @@ def resolve_target_token(adapter: ModelAdapter, target: str | int | None) -> int
     """``--target-token``: a token id, or text that the tokenizer encodes as exactly one token."""
     if target is None:
         return None
-    vocab = getattr(adapter, "vocab_size", None)
+    vocab = adapter.vocab_size
     if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
         tid = int(target)
         if vocab is not None and not 0 <= tid < vocab:
-            raise InputError(f"target token id {tid} is outside the vocabulary (0-{vocab - 1})")
+            raise InputError(f"{OPTIONS['target_token'].label}: token id {tid} is outside the vocabulary "
+                             f"(0-{vocab - 1})")
         return tid
-    ids = adapter.tokenizer(target, add_special_tokens=False)["input_ids"]
+    ids = adapter.tokenize(target)
     if len(ids) != 1:
         pieces = adapter.token_texts(ids)
-        raise InputError(f"target token {target!r} is {len(ids)} tokens {pieces}; give one token or its id")
+        raise InputError(f"{OPTIONS['target_token'].label}: {target!r} is {len(ids)} tokens {pieces}; "
+                         f"give one token or its id")
     return int(ids[0])
 
 
-def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, mask_mode: str = "text",
-          num_tokens: int = 1, layers: str | list[int] | None = None, dtype: str | torch.dtype | None = None,
-          device: str | torch.device | None = None, backend: str = "auto", max_pixels: int | None = None,
-          logits: bool = False, knockout_window: int = 1, target_token: str | int | None = None,
-          output: str | os.PathLike | None = None, csv: bool = False, verbose: bool = False,
-          tokenizer: Any = None, image_processor: Any = None) -> pa.Table:
+def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, output: str | os.PathLike | None = None,
+          verbose: bool = False, tokenizer: Any = None, image_processor: Any = None, **opts: Any) -> pa.Table:
     """Run a sweep and return its rows as a ``pyarrow.Table`` (metadata under ``b"maskvl"``).
 
     Args:
         model: a hub id, a local hub-like directory, ``"builtin:tiny-qwen3-vl"``, a loaded
-            :class:`maskvl.models.ModelAdapter`, or a loaded ``Qwen3VLForConditionalGeneration``
-            (then pass ``tokenizer=`` and ``image_processor=``).
+            :class:`maskvl.models.ModelAdapter`, or a loaded transformers model of a supported family
+            (then pass ``tokenizer=`` and, for vision-language models, ``image_processor=``).
         images: image paths or PIL images, in prompt order (none for a text-only analysis).
         prompt: the user's question; it goes through the model's chat template.
-        mask_mode: ``text``, ``vision`` or ``both``.
-        num_tokens: generation steps to measure (greedy; stops early at a stop token).
-        layers: ``"0-5,20"`` or a list of layer indices; None for all.
-        logits: add the ``Logits`` variant (effect on the next-token distribution).
-        knockout_window: with ``logits``, remove the key at layers L..L+k-1.
-        target_token: token (text or id) whose probability change is reported; default the greedy one.
         output: also write Parquet there (atomically, step by step).
+        verbose: log loading details and fallbacks.
+    Sweep options (keyword-only; ``maskvl.options``):
+{options}
     """
-    adapter = _as_adapter(model, dtype, device, verbose, tokenizer, image_processor)
-    if isinstance(layers, str):
-        layers = parse_layers(layers)
-    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=layers, backend=backend,
-                         logits=logits, knockout_window=knockout_window,
-                         target_token=resolve_target_token(adapter, target_token))
-    return run_sweep(adapter, list(images), prompt, config, output=output, csv=csv, max_pixels=max_pixels).table
+    opts = options.resolve(opts, has_images=bool(images))  # before the slow model load
+    adapter = as_adapter(model, opts["dtype"], opts["device"], verbose, tokenizer, image_processor)
+    return run_sweep(adapter, list(images), prompt, opts, output=output).table
+
+
+sweep.__doc__ = (sweep.__doc__ or "").replace("{options}", options.docstring_lines())
+sweep.__signature__ = inspect.signature(sweep).replace(parameters=[  # type: ignore[attr-defined]
+    p for p in inspect.signature(sweep).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD
+] + options.signature_parameters())

@@ -48,17 +48,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
+import pyarrow.parquet as pq
+import torch
+import yaml
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
+from . import io, options
+from .api import run_sweep
+from .engine import SweepConfig
 from .errors import InputError, MaskvlError
+from .models import load_model, resolve_device, resolve_dtype
+from .options import OPTIONS
 
-MASK_MODES = ("text", "vision", "both")
-BACKENDS = ("auto", "reference", "cpp", "triton")
 TOP_KEYS = ("model", "defaults", "jobs")
-SWEEP_KEYS = ("mask_mode", "num_tokens", "dtype", "device", "layers", "backend", "max_pixels", "csv", "logits",
-              "knockout_window", "target_token")
+SWEEP_KEYS = tuple(OPTIONS)
 # The model loads once, so what it loads with cannot vary per job.
-MODEL_KEYS = ("dtype", "device")
+MODEL_KEYS = tuple(name for name, opt in OPTIONS.items() if opt.model_level)
 JOB_KEYS = ("name", "image", "images", "prompt") + tuple(k for k in SWEEP_KEYS if k not in MODEL_KEYS)
 
 # A job name becomes a file name: no separators, no leading dot (hidden temp files start with one), and
@@ -72,28 +78,22 @@ DIST_TIMEOUT = datetime.timedelta(hours=float(os.environ.get("MASKVL_DIST_TIMEOU
 # ------------------------------------------------------------------------------------------ jobs file
 @dataclass(frozen=True)
 class Job:
-    """One sweep of a batch, with every option resolved (defaults applied, paths absolute)."""
+    """One sweep of a batch: its prompt, absolute image paths and its sweep options (the jobs file's
+    defaults merged with the job's own, checked by ``maskvl.options``; model-level options excluded)."""
 
     index: int
     name: str
     prompt: str
     images: tuple[str, ...] = ()
-    mask_mode: str = "text"
-    num_tokens: int = 1
-    layers: tuple[int, ...] | None = None
-    backend: str = "auto"
-    max_pixels: int | None = None
-    csv: bool = False
-    logits: bool = False
-    knockout_window: int = 1
-    target_token: str | int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every sweep option of this job, defaults filled in."""
+        return options.resolve(self.options, has_images=bool(self.images))
 
     def fingerprint(self) -> dict[str, Any]:
         """Every option that shapes the result; stored in the output's metadata to decide reruns."""
-        return {"prompt": self.prompt, "images": list(self.images), "mask_mode": self.mask_mode,
-                "num_tokens": self.num_tokens, "layers": list(self.layers) if self.layers is not None else None,
-                "backend": self.backend, "max_pixels": self.max_pixels, "logits": self.logits,
-                "knockout_window": self.knockout_window, "target_token": self.target_token}
+        return {"prompt": self.prompt, "images": list(self.images), **options.fingerprint(self.resolved())}
 
 
 @dataclass
@@ -118,60 +118,11 @@ def _check_keys(mapping: dict[Any, Any], allowed: tuple[str, ...], source: Path,
 
 
 def _sweep_options(raw: dict[str, Any], source: Path, context: str) -> dict[str, Any]:
-    """Type- and value-check the sweep options present in ``raw``; returns them normalised."""
-    from .engine import parse_layers
-
-    where = _where(source, context)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in SWEEP_KEYS:
-            continue
-        if key == "mask_mode":
-            if value not in MASK_MODES:
-                raise InputError(f"{where}: unknown mask_mode {value!r} (choose from {', '.join(MASK_MODES)})")
-        elif key == "backend":
-            if value not in BACKENDS:
-                raise InputError(f"{where}: unknown backend {value!r} (choose from {', '.join(BACKENDS)})")
-        elif key == "num_tokens":
-            # bool is an int subclass; `num_tokens: yes` is a mistake, not 1.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{where}: num_tokens must be an integer of at least 1 (got {value!r})")
-        elif key == "max_pixels":
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise InputError(f"{where}: max_pixels must be a positive integer (got {value!r})")
-        elif key in ("csv", "logits"):
-            if not isinstance(value, bool):
-                raise InputError(f"{where}: {key} must be true or false (got {value!r})")
-        elif key == "knockout_window":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{where}: knockout_window must be an integer of at least 1 (got {value!r})")
-        elif key == "target_token":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-                raise InputError(f"{where}: target_token must be a token's text or id (got {value!r})")
-        elif key in ("dtype", "device"):
-            if value is not None and not isinstance(value, str):
-                raise InputError(f"{where}: {key} must be a string (got {value!r})")
-        elif key == "layers":
-            if value is None:
-                pass
-            elif isinstance(value, bool):
-                raise InputError(f"{where}: layers must be like 0-5,20 or a list of integers (got {value!r})")
-            elif isinstance(value, int):
-                value = (value,)
-            elif isinstance(value, str):
-                try:
-                    parsed = parse_layers(value)
-                except InputError as exc:
-                    raise InputError(f"{where}: {exc}") from None
-                value = tuple(parsed) if parsed is not None else None
-            elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                value = tuple(value)
-            else:
-                raise InputError(f"{where}: layers must be like 0-5,20 or a list of integers (got {value!r})")
-            if value is not None and not value:
-                raise InputError(f"{where}: layers is empty")
-        out[key] = value
-    return out
+    """The sweep options present in ``raw``, checked by ``maskvl.options`` (messages prefixed with where)."""
+    try:
+        return options.check_options({k: v for k, v in raw.items() if k in SWEEP_KEYS})
+    except InputError as exc:
+        raise InputError(f"{_where(source, context)}: {exc}") from None
 
 
 def _job_images(raw: dict[str, Any], base: Path, where: str) -> tuple[str, ...]:
@@ -194,8 +145,6 @@ def _job_images(raw: dict[str, Any], base: Path, where: str) -> tuple[str, ...]:
 
 def load_spec(path: str | os.PathLike) -> BatchSpec:
     """Read and validate a jobs file; raises :class:`InputError` with a one-line message naming the problem."""
-    import yaml
-
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
@@ -254,16 +203,14 @@ def load_spec(path: str | os.PathLike) -> BatchSpec:
         prompt = raw.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{where}: the prompt is missing or empty")
-        opts = {**defaults, **_sweep_options(raw, source, context)}
-        images = _job_images(raw, base, where)
-        mask_mode = opts.get("mask_mode", "text")
-        if mask_mode == "vision" and not images:
-            raise InputError(f"{where}: mask_mode vision needs at least one image")
-        jobs.append(Job(index=i, name=name, prompt=prompt, images=images, mask_mode=mask_mode,
-                        num_tokens=opts.get("num_tokens", 1), layers=opts.get("layers"),
-                        backend=opts.get("backend", "auto"), max_pixels=opts.get("max_pixels"),
-                        csv=opts.get("csv", False), logits=opts.get("logits", False),
-                        knockout_window=opts.get("knockout_window", 1), target_token=opts.get("target_token")))
+        opts = {k: v for k, v in {**defaults, **_sweep_options(raw, source, context)}.items()
+                if k not in MODEL_KEYS}
+        job = Job(index=i, name=name, prompt=prompt, images=_job_images(raw, base, where), options=opts)
+        try:
+            job.resolved()  # the checks that span options (e.g. vision without images)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        jobs.append(job)
     return BatchSpec(source=source, model=model.strip(), dtype=defaults.get("dtype"), device=defaults.get("device"),
                      jobs=jobs)
 
@@ -293,11 +240,6 @@ def _dtype_name(adapter: Any) -> str:
 
 def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
     """Rows of ``path`` if it holds this job's complete result; None if the job must be (re)done."""
-    import pyarrow.parquet as pq
-
-    from . import io
-    from .engine import SweepConfig
-
     if not path.is_file():
         return None
     try:
@@ -307,10 +249,13 @@ def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
         return None
     if not md or md.get("complete") is not True:
         return None
-    layers = SweepConfig(mask_mode=job.mask_mode, num_tokens=job.num_tokens,
-                         layers=list(job.layers) if job.layers is not None else None).validate(adapter.num_layers)
+    opts = job.resolved()
+    try:
+        layers = SweepConfig.from_options(opts).validate(adapter.num_layers)
+    except InputError:  # the job cannot run on this model; running it reports why
+        return None
     expected = {"model": adapter.model_id, "dtype": _dtype_name(adapter), "prompt": job.prompt,
-                "mask_mode": job.mask_mode, "num_steps": job.num_tokens, "layers": layers}
+                "mask_mode": opts["mask_mode"], "num_steps": opts["num_tokens"], "layers": layers}
     if any(md.get(k) != v for k, v in expected.items()):
         return None
     if md.get("job") != job.fingerprint():
@@ -330,25 +275,12 @@ def completed_rows(path: Path, job: Job, adapter: Any) -> int | None:
 def run_job(adapter: Any, job: Job, out_dir: Path,
             on_progress: Callable[[int, int], None] | None = None, verbose: bool = False) -> JobResult:
     """Run one job into ``out_dir``; never raises for a job-level problem (returns a failed result)."""
-    from . import io
-    from .api import run_sweep
-    from .engine import SweepConfig
-
     final = output_path(out_dir, job)
     t0 = time.perf_counter()
     try:
         # A redo starts clean: the partial file of an earlier attempt describes a run we are replacing.
         io.partial_path(final).unlink(missing_ok=True)
-        from .api import resolve_target_token
-
-        config = SweepConfig(mask_mode=job.mask_mode, num_tokens=job.num_tokens,
-                             layers=list(job.layers) if job.layers is not None else None, backend=job.backend,
-                             logits=job.logits, knockout_window=job.knockout_window,
-                             target_token=resolve_target_token(adapter, job.target_token) if job.logits else None)
-        if job.target_token is not None and not job.logits:
-            raise InputError("target_token needs logits: true")
-        res = run_sweep(adapter, list(job.images), job.prompt, config, output=final, csv=job.csv,
-                        max_pixels=job.max_pixels, on_progress=on_progress,
+        res = run_sweep(adapter, list(job.images), job.prompt, job.options, output=final, on_progress=on_progress,
                         extra_metadata={"job": job.fingerprint()})
         return JobResult(job.name, job.index, "done", res.table.num_rows, time.perf_counter() - t0)
     except MaskvlError as exc:
@@ -363,8 +295,6 @@ def run_job(adapter: Any, job: Job, out_dir: Path,
 
 def ensure_csv(path: Path) -> None:
     """Write the CSV beside a complete Parquet file if a killed run published the Parquet but not the CSV."""
-    from . import io
-
     csv_path = path.with_suffix(".csv")
     if not csv_path.exists():
         io.write_csv(path, csv_path)
@@ -395,8 +325,6 @@ def _dist_env() -> _Dist:
 
 def _device_for(dist_info: _Dist, device: str | None) -> str | None:
     """Under torchrun each rank takes its own GPU; an explicit cpu stays cpu."""
-    import torch
-
     if dist_info.world_size == 1:
         return device
     if device in (None, "auto"):
@@ -428,34 +356,34 @@ def format_summary(results: list[JobResult], show_rank: bool = False) -> str:
     return "\n".join(lines)
 
 
-@click.command("batch")
-@click.argument("jobs_file", metavar="JOBS.yaml")
-@click.option("--output-dir", "-o", required=True, help="Folder for <job name>.parquet files (shared by all ranks).")
-@click.option("--force", is_flag=True, help="Redo every job, even those with a complete matching file.")
-@click.option("--verbose", "-v", is_flag=True, help="Say more; tracebacks of unexpected job failures.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def batch_command(jobs_file: str, output_dir: str, force: bool, verbose: bool, quiet: bool) -> None:
-    """Run the sweeps of a YAML jobs file over one loaded model; rerun to resume.
+@dataclass
+class BatchOutcome:
+    """What a batch run did: every rank's job results; ``lead`` is True on the rank that reports."""
 
-    \b
-    Each job writes OUTPUT_DIR/<name>.parquet atomically. A rerun skips jobs whose file is complete
-    and matches the job, and redoes the rest. A failing job does not stop the others; the command
-    exits 1 if any failed (2 for a bad jobs file). Under torchrun, jobs are sharded across ranks.
+    results: list[JobResult]
+    lead: bool = True
+    world_size: int = 1
+
+    @property
+    def failed(self) -> bool:
+        return any(r.status == "failed" for r in self.results)
+
+
+def run_batch(jobs_file: str | os.PathLike, output_dir: str | os.PathLike, force: bool = False,
+              verbose: bool = False, quiet: bool = False) -> BatchOutcome:
+    """Run the sweeps of a jobs file over one loaded model into ``output_dir``; rerun to resume.
+
+    Each job writes ``<output_dir>/<name>.parquet`` atomically. A rerun skips jobs whose file is
+    complete and matches the job (``force`` redoes them), and redoes the rest. A failing job does not
+    stop the others. Under torchrun, jobs are sharded across ranks. Raises :class:`MaskvlError` for a
+    bad jobs file or a model that does not load; progress goes to stderr unless ``quiet``.
     """
-    from . import io
-
     spec = load_spec(jobs_file)  # every jobs-file problem surfaces here, before the slow model load
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--output-dir {output_dir} exists and is not a directory")
+        raise InputError(f"output directory {output_dir} exists and is not a directory")
     dist_info = _dist_env()
-    device_spec = _device_for(dist_info, spec.device)
-
-    import torch
-
-    from .models import load_model, resolve_device, resolve_dtype
-
-    dev = resolve_device(device_spec)
+    dev = resolve_device(_device_for(dist_info, spec.device))
     dt = resolve_dtype(spec.dtype, dev)
     if dist_info.world_size > 1:
         import torch.distributed as dist
@@ -465,7 +393,7 @@ def batch_command(jobs_file: str, output_dir: str, force: bool, verbose: bool, q
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         dist_info.active = True
     try:
-        _run_batch(spec, out_dir, dist_info, dev, dt, force, verbose, quiet, load_model, io)
+        return _run_batch(spec, out_dir, dist_info, dev, dt, force, verbose, quiet)
     finally:
         if dist_info.active:
             import torch.distributed as dist
@@ -474,7 +402,7 @@ def batch_command(jobs_file: str, output_dir: str, force: bool, verbose: bool, q
 
 
 def _run_batch(spec: BatchSpec, out_dir: Path, dist_info: _Dist, dev: Any, dt: Any, force: bool, verbose: bool,
-               quiet: bool, load_model: Callable[..., Any], io: Any) -> None:
+               quiet: bool) -> BatchOutcome:
     lead = dist_info.rank == 0
     setup_error = ""
     adapter = None
@@ -484,31 +412,26 @@ def _run_batch(spec: BatchSpec, out_dir: Path, dist_info: _Dist, dev: Any, dt: A
             # Only rank 0 cleans, and before the gather below, so no rank is writing a temp file yet.
             removed = io.clean_stale_temps(out_dir)
             if removed and not quiet:
-                click.echo(f"removed {len(removed)} temporary file(s) of an interrupted run", err=True)
+                print(f"removed {len(removed)} temporary file(s) of an interrupted run", file=sys.stderr)
         if not quiet and lead:
-            click.echo(f"loading {spec.model} ({str(dt).replace('torch.', '')} on {dev}) ...", err=True)
+            print(f"loading {spec.model} ({str(dt).replace('torch.', '')} on {dev}) ...", file=sys.stderr)
         if not verbose:
-            from transformers.utils import logging as hf_logging
-
+            # transformers' per-shard loading bar is noise next to our own progress bars.
             hf_logging.disable_progress_bar()
         adapter = load_model(spec.model, dt, dev, verbose=verbose)
     except MaskvlError as exc:
         setup_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     except OSError as exc:
-        setup_error = f"cannot use --output-dir {out_dir}: {exc.strerror or exc}"
+        setup_error = f"cannot use the output directory {out_dir}: {exc.strerror or exc}"
     # Every rank learns whether all ranks loaded, so none waits forever for a rank that gave up.
     errors = [e for e in _all_gather(dist_info, setup_error) if e]
     if errors:
-        if lead:
-            raise MaskvlError(errors[0])
-        sys.exit(2)
+        raise MaskvlError(errors[0])
     assert adapter is not None
 
     mine = [j for j in spec.jobs if j.index % dist_info.world_size == dist_info.rank]
     results: list[JobResult] = []
     show = not quiet and lead
-    from tqdm import tqdm
-
     overall = tqdm(total=len(mine), unit="job", desc="jobs", position=0, file=sys.stderr, disable=not show,
                    dynamic_ncols=True)
 
@@ -522,7 +445,7 @@ def _run_batch(spec: BatchSpec, out_dir: Path, dist_info: _Dist, dev: Any, dt: A
             final = output_path(out_dir, job)
             rows = None if force else completed_rows(final, job, adapter)
             if rows is not None:
-                if job.csv:
+                if job.resolved()["csv"]:
                     ensure_csv(final)
                 results.append(JobResult(job.name, job.index, "skipped", rows, 0.0, "already complete",
                                          dist_info.rank))
@@ -550,12 +473,9 @@ def _run_batch(spec: BatchSpec, out_dir: Path, dist_info: _Dist, dev: Any, dt: A
 
     gathered = _all_gather(dist_info, [asdict(r) for r in results])
     all_results = [JobResult(**d) for part in gathered for d in part]
-    if lead:
-        click.echo(format_summary(all_results, show_rank=dist_info.world_size > 1))
     if dist_info.active:
         import torch.distributed as dist
 
         # Ranks leave together: torchrun stops the remaining workers as soon as one exits non-zero.
         dist.barrier()
-    if any(r.status == "failed" for r in all_results):
-        sys.exit(1)
+    return BatchOutcome(all_results, lead=lead, world_size=dist_info.world_size)

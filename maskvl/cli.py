@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 from typing import Any
 
 import click
 
+from . import __version__, options
 from .errors import MaskvlError
 
-MASK_MODES = ("text", "vision", "both")
+# The library (torch, transformers, pyarrow: seconds to import) is imported inside each command, so
+# `maskvl --help`, `--version` and a mistyped option answer at once. Nothing else is imported lazily.
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,87 +48,51 @@ Examples:
               help="Hub id, local hub-like directory, or builtin:tiny-qwen3-vl.")
 @click.option("--image", "images", multiple=True, help="Image file (repeatable; none = text-only).")
 @click.option("--prompt", required=True, help="The question; it goes through the model's chat template.")
-@click.option("--mask-mode", type=click.Choice(MASK_MODES), default="text", show_default=True,
-              help="Mask text tokens, image patches, or every position.")
-@click.option("--num-tokens", type=int, default=1, show_default=True,
-              help="Generation steps to measure (greedy; stops at the end-of-turn token).")
-@click.option("--layers", default=None, help="Layers to measure, e.g. 0-5,20 (default: all).")
-@click.option("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16, float64.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--backend", type=click.Choice(["auto", "reference", "cpp", "triton"]), default="auto",
-              show_default=True, help="Kernels: triton on CUDA, the C++ extension on CPU, or plain PyTorch.")
-@click.option("--max-pixels", type=int, default=None, help="Cap on the resized image size in pixels.")
-@click.option("--logits", is_flag=True, help="Add the Logits variant: effect on the next-token distribution.")
-@click.option("--knockout-window", type=int, default=1, show_default=True,
-              help="With --logits: remove the key at layers L..L+k-1.")
-@click.option("--target-token", default=None,
-              help="With --logits: token (text or id) whose probability change is reported (default: greedy).")
+@options.click_options()
 @click.option("--output", "-o", default=None, help="Output Parquet path (default: maskvl-out/<slug>.parquet).")
-@click.option("--csv", is_flag=True, help="Also write a CSV beside the Parquet file.")
 @click.option("--verbose", "-v", is_flag=True, help="Say more about loading and fallbacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def sweep(model: str, images: tuple[str, ...], prompt: str, mask_mode: str, num_tokens: int, layers: str | None,
-          dtype: str | None, device: str | None, backend: str, max_pixels: int | None, logits: bool,
-          knockout_window: int, target_token: str | None, output: str | None, csv: bool, verbose: bool,
-          quiet: bool) -> None:
+def sweep(model: str, images: tuple[str, ...], prompt: str, output: str | None, verbose: bool, quiet: bool,
+          **opts: Any) -> None:
     """Generate greedily and measure every masked token at every layer and step."""
-    from .api import default_output, run_sweep
-    from .engine import SweepConfig, parse_layers
-    from .inputs import check_prompt, load_image
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
 
-    config = SweepConfig(mask_mode=mask_mode, num_tokens=num_tokens, layers=parse_layers(layers), backend=backend,
-                         logits=logits, knockout_window=knockout_window)
-    config.check()  # fail before the (slow) model load
-    if max_pixels is not None and max_pixels < 1:
-        raise MaskvlError("--max-pixels must be positive")
+    from .api import default_output, run_sweep
+    from .inputs import check_prompt, load_image
+    from .models import load_model, resolve_device, resolve_dtype
+
+    # Everything that needs no model is checked before the (slow) model load.
+    opts = options.resolve(opts, has_images=bool(images))
     check_prompt(prompt)
     for path in images:
         load_image(path)
-    if mask_mode == "vision" and not images:
-        raise MaskvlError("--mask-mode vision needs at least one --image")
-    if (target_token is not None or knockout_window != 1) and not logits:
-        raise MaskvlError("--target-token and --knockout-window need --logits")
     out = output or str(default_output(prompt))
-
-    from .models import load_model, resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dev = resolve_device(opts["device"])
+    dt = resolve_dtype(opts["dtype"], dev)
     if not quiet:
         click.echo(f"loading {model} ({str(dt).replace('torch.', '')} on {dev}) ...", err=True)
     if not verbose:
         # transformers' per-shard loading bar is noise next to our own progress bar.
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     adapter = load_model(model, dt, dev, verbose=verbose)
-    config.validate(adapter.num_layers)
-    from .api import resolve_target_token
-
-    config.target_token = resolve_target_token(adapter, target_token)
-
-    bar: Any = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="layer", desc="sweep", file=sys.stderr, dynamic_ncols=True)
+    bar: Any = None  # created at the first progress report, after every check has passed
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            if bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="layer", desc="sweep", file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def note(text: str) -> None:
+        if not quiet:
+            tqdm.write(f"maskvl: {text}", file=sys.stderr)
 
     try:
-        def note(text: str) -> None:
-            if bar is not None:
-                bar.write(f"maskvl: {text}", file=sys.stderr)
-
-        res = run_sweep(adapter, list(images), prompt, config, output=out, csv=csv, max_pixels=max_pixels,
-                        on_progress=progress, on_note=note)
+        res = run_sweep(adapter, list(images), prompt, opts, output=out, on_progress=progress, on_note=note)
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
         raise MaskvlError("interrupted; completed steps (if any) were kept in a .partial.parquet file") from None
     finally:
         if bar is not None:
@@ -186,9 +153,8 @@ def make_tiny_model(directory: str, seed: int, num_layers: int, num_heads: int, 
 @cli.command()
 def info() -> None:
     """Versions, devices, the compiled extension's status, and the backend auto picks."""
-    import platform
-
-    from . import __version__, ops
+    from . import ops
+    from .models import supported_model_types
 
     click.echo(f"{'maskvl':<17} {__version__}")
     click.echo(f"{'python':<17} {platform.python_version()}")
@@ -201,13 +167,60 @@ def info() -> None:
             click.echo(f"{dev + ' ' + name:<17} {'available' if why is None else 'unavailable: ' + why}")
     for dev, name in d.get("auto", {}).items():
         click.echo(f"{'auto on ' + dev:<17} {name}")
+    click.echo(f"{'model types':<17} {', '.join(supported_model_types())}")
 
 
-from .batch import batch_command  # noqa: E402  (commands in their own modules)
-from .render import render_command  # noqa: E402
+@cli.command("batch")
+@click.argument("jobs_file", metavar="JOBS.yaml")
+@click.option("--output-dir", "-o", required=True, help="Folder for <job name>.parquet files (shared by all ranks).")
+@click.option("--force", is_flag=True, help="Redo every job, even those with a complete matching file.")
+@click.option("--verbose", "-v", is_flag=True, help="Say more; tracebacks of unexpected job failures.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def batch(jobs_file: str, output_dir: str, force: bool, verbose: bool, quiet: bool) -> None:
+    """Run the sweeps of a YAML jobs file over one loaded model; rerun to resume.
 
-cli.add_command(batch_command, "batch")
-cli.add_command(render_command, "render")
+    \b
+    Each job writes OUTPUT_DIR/<name>.parquet atomically. A rerun skips jobs whose file is complete
+    and matches the job, and redoes the rest. A failing job does not stop the others; the command
+    exits 1 if any failed (2 for a bad jobs file). Under torchrun, jobs are sharded across ranks.
+    Jobs take the sweep options by their Python names: {names}.
+    """
+    from .batch import format_summary, run_batch
+
+    outcome = run_batch(jobs_file, output_dir, force=force, verbose=verbose, quiet=quiet)
+    if outcome.lead:
+        click.echo(format_summary(outcome.results, show_rank=outcome.world_size > 1))
+    if outcome.failed:
+        sys.exit(1)
+
+
+batch.help = (batch.help or "").replace("{names}", ", ".join(options.OPTIONS))
+
+
+@cli.command("render")
+@click.argument("parquet_file", metavar="FILE.parquet")
+@click.option("--output", "-o", default=None,
+              help="out.png for one figure, or a folder for one PNG per step (default: FILE.png beside FILE).")
+@click.option("--layers", default=None,
+              help="Layers to draw, e.g. 0-5,20 (default: up to 8 spread over the file's).")
+@click.option("--steps", default=None, help="Generation steps to draw, e.g. 0,2 (default: all).")
+@click.option("--variant", default="Full", show_default=True, help="Full, Attn, Head_N ...")
+@click.option("--metric", type=click.Choice(("l2", "cosine")), default="l2", show_default=True)
+@click.option("--image", "images", multiple=True,
+              help="Image for image 0, 1, ... in order (default: the paths recorded in the file).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Heatmap opacity.")
+@click.option("--cmap", default="magma", show_default=True, help="Matplotlib colour map.")
+@click.option("--dpi", type=click.IntRange(30, 600), default=110, show_default=True)
+def render(parquet_file: str, output: str | None, layers: str | None, steps: str | None, variant: str,
+           metric: str, images: tuple[str, ...], alpha: float, cmap: str, dpi: int) -> None:
+    """Draw a sweep file as heatmaps over its images and coloured text-token strips."""
+    from .render import render as render_png
+
+    written = render_png(parquet_file, output, layers=layers, steps=steps, variant=variant, metric=metric,
+                         images=images, alpha=alpha, cmap=cmap, dpi=dpi,
+                         on_warning=lambda text: click.echo(f"maskvl: warning: {text}", err=True))
+    for path in written:
+        click.echo(str(path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,13 +27,15 @@ from . import measures
 from .errors import InputError
 from .models.base import Capture, ModelAdapter, Prepared
 from .ops import Backend, get_backend, head_grams
-
-MASK_MODES = ("text", "vision", "both")
-
+from .options import OPTIONS
 
 @dataclass
 class SweepConfig:
-    """What to measure. ``layers=None`` means every layer."""
+    """What the engine measures: the engine's view of the sweep options (``maskvl.options``).
+
+    ``layers=None`` means every layer; ``target_token`` is a token id (None: the greedy token).
+    Build it with :meth:`from_options` from resolved options rather than by hand.
+    """
 
     mask_mode: str = "text"
     num_tokens: int = 1
@@ -44,57 +46,36 @@ class SweepConfig:
     target_token: int | None = None
     max_batch_rows: int = 4096
 
-    def check(self) -> None:
-        """The checks that need no model (the CLI runs them before the slow model load)."""
-        if self.knockout_window < 1:
-            raise InputError(f"--knockout-window must be at least 1 (got {self.knockout_window})")
-        if self.mask_mode not in MASK_MODES:
-            raise InputError(f"unknown mask mode {self.mask_mode!r} (choose from {', '.join(MASK_MODES)})")
-        if self.num_tokens < 1:
-            raise InputError(f"--num-tokens must be at least 1 (got {self.num_tokens})")
+    @classmethod
+    def from_options(cls, opts: dict[str, Any], target_token: int | None = None) -> "SweepConfig":
+        """From :func:`maskvl.options.resolve`'s output; ``target_token`` is the resolved token id."""
+        layers = opts["layers"]
+        return cls(mask_mode=opts["mask_mode"], num_tokens=opts["num_tokens"],
+                   layers=list(layers) if layers is not None else None, backend=opts["backend"],
+                   logits=opts["logits"], knockout_window=opts["knockout_window"], target_token=target_token)
 
     def validate(self, num_layers: int) -> list[int]:
-        """All checks; returns the measured layers, ascending."""
-        self.check()
+        """The measured layers, ascending, checked against the model's ``num_layers``."""
         layers = list(range(num_layers)) if self.layers is None else sorted(set(self.layers))
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if bad:
-            raise InputError(f"layer {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
+            raise InputError(f"{OPTIONS['layers'].label}: layer {bad[0]} is out of range: the model has layers "
+                             f"0-{num_layers - 1}")
         if not layers:
-            raise InputError("no layers selected")
+            raise InputError(f"{OPTIONS['layers'].label} selects no layer")
         return layers
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``"0-5,20"`` -> ``[0, 1, 2, 3, 4, 5, 20]``; ``None``/``"all"`` -> ``None`` (every layer)."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise InputError(f"bad layer list {spec!r}: expected e.g. 0-5,20") from None
-    return out
 
 
 @dataclass
 class LayerResult:
     """All variants of one layer at one step, for the masked positions ``positions [P]``.
 
-    ``l2`` and ``cos`` are ``[V, P]`` with variants in :func:`maskvl.measures.variant_names` order;
-    with the Logits measure, ``kl`` and ``tpd`` are ``[V, P]`` too, NaN except on the Logits row.
+    ``l2`` and ``cos`` are ``[V, P]``, row ``i`` being variant ``variants[i]``; with the Logits
+    measure, ``kl`` and ``tpd`` are ``[V, P]`` too, NaN except on the Logits row.
     """
 
     layer: int
+    variants: list[str]
     positions: np.ndarray
     l2: np.ndarray
     cos: np.ndarray
@@ -198,7 +179,9 @@ class Engine:
         l2_head, cos_head = self.backend.head_distances(o, delta, self._gram(layer))  # [P, H]
         l2 = torch.cat([l2_full.unsqueeze(0), l2_attn.unsqueeze(0), l2_head.T], 0)
         cos = torch.cat([cos_full.unsqueeze(0), cos_attn.unsqueeze(0), cos_head.T], 0)
-        return LayerResult(layer, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy()), full_clean, full_delta
+        names = measures.variant_names(a.num_heads)
+        result = LayerResult(layer, names, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
+        return result, full_clean, full_delta
 
     def _propagate(self, layer: int, batches: list["_LogitsBatch"], cap: Capture, cache: Any, seq_len: int,
                    window: int, max_rows: int) -> None:
@@ -234,6 +217,7 @@ class Engine:
             kl, tpd = measures.logits_effects(clean, masked, target)
             lr = results[b.start]
             nan = np.full((lr.l2.shape[0], lr.l2.shape[1]), np.nan)
+            lr.variants = lr.variants + [measures.LOGITS]
             lr.l2 = np.concatenate([lr.l2, l2.cpu().numpy()[None]])
             lr.cos = np.concatenate([lr.cos, cos.cpu().numpy()[None]])
             lr.kl = np.concatenate([nan, kl.cpu().numpy()[None]])

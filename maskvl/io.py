@@ -93,15 +93,18 @@ def _nullable(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.int32(), mask=values < 0)
 
 
-def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants: list[str],
-               float64: bool = False) -> pa.Table:
+def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64: bool = False) -> pa.Table:
     """The rows of one step, sorted by layer, variant (natural order), position.
 
-    ``layer_results`` items have ``layer``, ``positions [P]``, ``l2 [V, P]``, ``cos [V, P]`` with the
-    variants in ``variants`` order, and ``kl``/``tpd [V, P]`` (NaN where null) or None.
+    ``layer_results`` items (:class:`maskvl.engine.LayerResult`) have ``layer``, ``variants`` (the name
+    of each row of the value arrays, the same for every layer), ``positions [P]``, ``l2 [V, P]``,
+    ``cos [V, P]``, and ``kl``/``tpd [V, P]`` (NaN where null) or None.
     """
+    variants = list(layer_results[0].variants) if layer_results else []
+    for lr in layer_results:
+        if list(lr.variants) != variants or lr.l2.shape[0] != len(variants):
+            raise ValueError(f"layer {lr.layer} carries variants {lr.variants}, not {variants}")
     ft = np.float64 if float64 else np.float32
-    V = len(variants)
     layer_col, pos_col, var_col, l2_col, cos_col = [], [], [], [], []
     extra: dict[str, np.ndarray] = {}
     if any(getattr(lr, "kl", None) is not None for lr in layer_results):
@@ -149,8 +152,6 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, variants
         "kl_divergence": opt("kl_divergence"),
         "target_prob_delta": opt("target_prob_delta"),
     }
-    if any(lr.l2.shape[0] != V for lr in layer_results):
-        raise ValueError(f"layer results carry a different number of variants than the {V} named")
     return pa.Table.from_pydict(cols, schema=schema(float64))
 
 

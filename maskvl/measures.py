@@ -26,7 +26,7 @@ Variants (the ``variant`` column)
     ``Attn + MLP(post_attention_norm(x + Attn))``.
 ``Logits``
     the next-token logits after the final position is run on through the remaining layers, the final
-    norm and the LM head (see the Logits issue); also carries ``kl_divergence`` and
+    norm and the LM head (``maskvl/engine.py``, the Logits batches); also carries ``kl_divergence`` and
     ``target_prob_delta``.
 
 Metrics (columns), for a clean vector ``c`` and its masked counterpart ``m = c + d``

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from . import measures
-from .engine import MASK_MODES, mask_positions
+from .engine import mask_positions
+from .options import MASK_MODES
 from .models.base import ModelAdapter, Prepared
 
 KNOCKOUT_ATTN = "maskvl_knockout"

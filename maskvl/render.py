@@ -13,11 +13,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from . import io
 from .errors import InputError, MaskvlError
+from .inputs import load_image
+from .options import parse_layers
 
 METRICS = {"l2": "l2_distance", "cosine": "cosine_distance"}
 DEFAULT_MAX_LAYERS = 8
@@ -44,12 +50,7 @@ class SweepFile:
 
 def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
     """Read the rows of ``variant`` and the values of ``metric`` (``l2`` or ``cosine``) from a sweep file."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from . import io
 
     p = Path(path)
     if not p.exists():
@@ -82,7 +83,6 @@ def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
 
 def _parse_selection(spec: str | None, available: list[int], what: str) -> list[int]:
     """``0-3,7`` against what the file has; None -> everything."""
-    from .engine import parse_layers
 
     if spec is None:
         return available
@@ -133,7 +133,6 @@ def _layout_chips(texts: list[str], width_in: float) -> tuple[list[tuple[float, 
 
 def _load_background(path: str | None, override: str | None) -> tuple[Any, str | None]:
     """The image behind a heatmap: ``--image`` if given (must load), else the metadata path (may be gone)."""
-    from .inputs import load_image
 
     if override is not None:
         return load_image(override), None
@@ -146,7 +145,6 @@ def _load_background(path: str | None, override: str | None) -> tuple[Any, str |
 
 
 def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
-    from . import io
 
     with io.atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -154,7 +152,6 @@ def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
 
 def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int) -> Any:
     """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured)."""
-    import numpy as np
 
     heat = np.full((rows, cols), np.nan)
     m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
@@ -168,7 +165,6 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     import matplotlib
 
     matplotlib.use("Agg")
-    import numpy as np
     from matplotlib import colors as mcolors
     from matplotlib import pyplot as plt
     from matplotlib.patches import FancyBboxPatch
@@ -279,32 +275,26 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     return fig
 
 
-@click.command("render")
-@click.argument("parquet_file", metavar="FILE.parquet")
-@click.option("--output", "-o", default=None,
-              help="out.png for one figure, or a folder for one PNG per step (default: FILE.png beside FILE).")
-@click.option("--layers", default=None,
-              help=f"Layers to draw, e.g. 0-5,20 (default: up to {DEFAULT_MAX_LAYERS} spread over the file's).")
-@click.option("--steps", default=None, help="Generation steps to draw, e.g. 0,2 (default: all).")
-@click.option("--variant", default="Full", show_default=True, help="Full, Attn, Head_N ...")
-@click.option("--metric", type=click.Choice(tuple(METRICS)), default="l2", show_default=True)
-@click.option("--image", "images", multiple=True,
-              help="Image for image 0, 1, ... in order (default: the paths recorded in the file).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Heatmap opacity.")
-@click.option("--cmap", default="magma", show_default=True, help="Matplotlib colour map.")
-@click.option("--dpi", type=click.IntRange(30, 600), default=110, show_default=True)
-def render_command(parquet_file: str, output: str | None, layers: str | None, steps: str | None, variant: str,
-                   metric: str, images: tuple[str, ...], alpha: float, cmap: str, dpi: int) -> None:
-    """Draw a sweep file as heatmaps over its images and coloured text-token strips."""
-    import numpy as np
+def render(parquet_file: str | os.PathLike, output: str | None = None, layers: str | None = None,
+           steps: str | None = None, variant: str = "Full", metric: str = "l2", images: Sequence[str] = (),
+           alpha: float = 0.6, cmap: str = "magma", dpi: int = 110,
+           on_warning: Callable[[str], None] | None = None) -> list[Path]:
+    """Draw ``parquet_file`` as heatmaps over its images and coloured text-token strips; returns the PNGs.
 
+    ``output``: ``out.png`` for one figure, a folder for one PNG per step, or None for ``FILE.png``
+    beside the file. ``layers``/``steps`` like ``0-5,20`` (default: up to :data:`DEFAULT_MAX_LAYERS`
+    layers spread over the file's, every step). ``images`` replace the paths recorded in the file, in
+    order. ``on_warning`` receives problems that do not stop the drawing (a missing background image).
+    """
+    if metric not in METRICS:
+        raise InputError(f"metric must be one of {', '.join(METRICS)} (got {metric!r})")
     data = read_sweep(parquet_file, variant, metric)
     md = data.metadata
     meta_images = md.get("images") or []
     if len(images) > len(meta_images):
-        raise InputError(f"{len(images)} --image given but the file has {len(meta_images)} image(s)")
+        raise InputError(f"{len(images)} images given but the file has {len(meta_images)} image(s)")
     try:
-        import matplotlib
+        import matplotlib  # plotting only: imported when a figure is drawn, not with the package
 
         matplotlib.colormaps[cmap]
     except KeyError:
@@ -321,7 +311,8 @@ def render_command(parquet_file: str, output: str | None, layers: str | None, st
     for i, im in enumerate(meta_images):
         bg, why = _load_background(im.get("path"), images[i] if i < len(images) else None)
         if why is not None:
-            click.echo(f"maskvl: warning: image {i}: {why}; drawing the heatmap without it (pass --image)", err=True)
+            if on_warning is not None:
+                on_warning(f"image {i}: {why}; drawing the heatmap without it (pass --image)")
         backgrounds.append(bg)
 
     src = data.path
@@ -348,5 +339,4 @@ def render_command(parquet_file: str, output: str | None, layers: str | None, st
             finally:
                 plt.close(fig)
             written.append(target)
-    for t in written:
-        click.echo(str(t))
+    return written

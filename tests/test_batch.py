@@ -94,10 +94,12 @@ def test_spec_resolves_defaults_overrides_and_relative_images(tmp_path: Path) ->
     spec = load_spec(spec_path)
     assert spec.model == "builtin:tiny-qwen3-vl" and spec.dtype == "float32" and spec.device is None
     a, b, c = spec.jobs
-    assert a == Job(0, "a", "hi", (str(tmp_path / "sub" / "x.png"),), "both", 2, None, "auto", 5000, False)
+    assert a == Job(0, "a", "hi", (str(tmp_path / "sub" / "x.png"),),
+               {"mask_mode": "both", "num_tokens": 2, "max_pixels": 5000})
     assert b.images == (str(tmp_path / "y.png"), str(tmp_path / "z.png"))
-    assert (b.mask_mode, b.num_tokens, b.layers) == ("text", 3, (0, 1))
-    assert (c.images, c.layers, c.csv, c.mask_mode) == ((), (2, 0), True, "both")
+    assert (b.resolved()["mask_mode"], b.resolved()["num_tokens"], b.resolved()["layers"]) == ("text", 3, (0, 1))
+    c_opts = c.resolved()
+    assert (c.images, c_opts["layers"], c_opts["csv"], c_opts["mask_mode"]) == ((), (2, 0), True, "both")
 
 
 def test_spec_model_directory_is_relative_to_the_jobs_file(tmp_path: Path) -> None:
@@ -119,14 +121,14 @@ def test_spec_model_directory_is_relative_to_the_jobs_file(tmp_path: Path) -> No
     ("model: m\njobs:\n  - {name: x.partial, prompt: p}\n", "bad job name"),
     ("model: m\njobs:\n  - {name: a, prompt: '  '}\n", "prompt is missing or empty"),
     ("model: m\njobs:\n  - {name: a}\n", "prompt is missing or empty"),
-    ("model: m\njobs:\n  - {name: a, prompt: p, mask_mode: pixels}\n", "unknown mask_mode 'pixels'"),
-    ("model: m\njobs:\n  - {name: a, prompt: p, num_tokens: 0}\n", "num_tokens must be an integer of at least 1"),
-    ("model: m\njobs:\n  - {name: a, prompt: p, num_tokens: true}\n", "num_tokens must be an integer"),
+    ("model: m\njobs:\n  - {name: a, prompt: p, mask_mode: pixels}\n", "job 'a': mask_mode (--mask-mode) must be one of text, vision, both (got 'pixels')"),
+    ("model: m\njobs:\n  - {name: a, prompt: p, num_tokens: 0}\n", "num_tokens (--num-tokens) must be an integer of at least 1"),
+    ("model: m\njobs:\n  - {name: a, prompt: p, num_tokens: true}\n", "num_tokens (--num-tokens) must be an integer of at least 1 (got True)"),
     ("model: m\njobs:\n  - {name: a, prompt: p, layers: 3-1}\n", "bad layer list"),
     ("model: m\njobs:\n  - {name: a, prompt: p, dtype: float64}\n", "dtype can only be set under defaults"),
     ("model: m\njobs:\n  - {name: a, prompt: p, image: x.png, images: [y.png]}\n", "either image or images"),
-    ("model: m\njobs:\n  - {name: a, prompt: p, mask_mode: vision}\n", "vision needs at least one image"),
-    ("model: m\njobs:\n  - {name: a, prompt: p, max_pixels: -4}\n", "max_pixels must be a positive integer"),
+    ("model: m\njobs:\n  - {name: a, prompt: p, mask_mode: vision}\n", "mask_mode (--mask-mode) vision needs at least one image"),
+    ("model: m\njobs:\n  - {name: a, prompt: p, max_pixels: -4}\n", "max_pixels (--max-pixels) must be an integer of at least 1 (got -4)"),
     ("model: m\njobs: []\n", "jobs must be a non-empty list"),
     ("jobs:\n  - {name: a, prompt: p}\n", "model is missing"),
     ("model: m\njobs:\n  - just a string\n", "a job must be a mapping"),
@@ -271,22 +273,21 @@ def test_completed_rows_rejects_incomplete_and_foreign_files(tmp_path: Path, tin
     from maskvl.models import load_model
 
     adapter = load_model(str(tiny_model))
-    job = Job(0, "t", "Hello?", layers=(0,))
+    job = Job(0, "t", "Hello?", options={"layers": (0,)})
     path = tmp_path / "t.parquet"
     assert completed_rows(path, job, adapter) is None  # missing
     path.write_bytes(b"PAR1 not really")
     assert completed_rows(path, job, adapter) is None  # unreadable
     from maskvl.api import run_sweep
-    from maskvl.engine import SweepConfig
 
-    run_sweep(adapter, [], "Hello?", SweepConfig(layers=[0]), output=path)
+    run_sweep(adapter, [], "Hello?", {"layers": [0]}, output=path)
     assert completed_rows(path, job, adapter) is None  # complete, but not written for this job (no fingerprint)
-    run_sweep(adapter, [], "Hello?", SweepConfig(layers=[0]), output=path, extra_metadata={"job": job.fingerprint()})
+    run_sweep(adapter, [], "Hello?", {"layers": [0]}, output=path, extra_metadata={"job": job.fingerprint()})
     rows = completed_rows(path, job, adapter)
     assert rows == pq.ParquetFile(path).metadata.num_rows > 0
-    assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), max_pixels=4096), adapter) is None
-    assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), num_tokens=2), adapter) is None
-    assert completed_rows(path, Job(0, "t", "Hello?", layers=(0,), mask_mode="both"), adapter) is None
+    assert completed_rows(path, Job(0, "t", "Hello?", options={"layers": (0,), "max_pixels": 4096}), adapter) is None
+    assert completed_rows(path, Job(0, "t", "Hello?", options={"layers": (0,), "num_tokens": 2}), adapter) is None
+    assert completed_rows(path, Job(0, "t", "Hello?", options={"layers": (0,), "mask_mode": "both"}), adapter) is None
     # The same rows with complete: false (what an interrupted run would say) are not a result.
     md = io.read_metadata(path)
     md["complete"] = False

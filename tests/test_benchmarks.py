@@ -39,7 +39,7 @@ def test_prototype_algorithm_equals_engine_float64(tiny64, mode, steps):
 
 
 def test_prototype_algorithm_sees_the_image(tiny64):
-    """The baseline's results depend on the pixels (the prototype's error 1 was an image-blind sweep)."""
+    """The baseline's results depend on the pixels (the prototype's sweep never saw the image: it embedded the image pads themselves)."""
     a = prototype_sweep(tiny64, prepare(tiny64, 4, seed=0), "vision", 1, layers=[1])[0]
     b = prototype_sweep(tiny64, prepare(tiny64, 4, seed=1), "vision", 1, layers=[1])[0]
     assert relative_l2_error(a.l2[1], b.l2[1]) > 1e-3

@@ -10,51 +10,14 @@ import pytest
 from maskvl.engine import Engine, SweepConfig
 from maskvl.inputs import load_image
 from maskvl.naive import naive_sweep, relative_l2_error
+from naive_support import compare_with_naive
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _compare(adapter, image_paths, prompt, mode, steps, tol, row_tol, layers=None, logits=False, window=1,
-             target=None):
-    imgs = [load_image(str(p)) for p in image_paths]
-    prep = adapter.prepare(prompt, imgs, [str(p) for p in image_paths])
-    cfg = SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers, logits=logits, knockout_window=window,
-                      target_token=target)
-    fast = list(Engine(adapter, "reference").run(prep, cfg))
-    ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
-    assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
-    assert len(fast) == len(ref) == steps
-    worst = 0.0
-    for f, r in zip(fast, ref):
-        for lr in f.layers:
-            np.testing.assert_array_equal(lr.positions, r.positions)
-            if logits:
-                # The Logits variant is the last row: L2, cosine, KL and target-probability change.
-                m = r.logits_measures(lr.layer, target)
-                for name, got in (("l2", lr.l2[-1]), ("cos", lr.cos[-1]), ("kl", lr.kl[-1]), ("tpd", lr.tpd[-1])):
-                    err = relative_l2_error(got, m[name])
-                    assert err <= tol, ("Logits", f.step, lr.layer, name, err)
-                assert np.isnan(lr.kl[:-1]).all()
-                lr_l2, lr_cos = lr.l2[:-1], lr.cos[:-1]
-            else:
-                lr_l2, lr_cos = lr.l2, lr.cos
-            for name, got, want in (("l2", lr_l2, r.l2[lr.layer]), ("cos", lr_cos, r.cos[lr.layer])):
-                assert got.shape == want.shape
-                assert np.isfinite(got).all()
-                # Per variant: relative L2 error over the masked positions.
-                for v in range(got.shape[0]):
-                    err = relative_l2_error(got[v], want[v])
-                    worst = max(worst, err)
-                    assert err <= tol, (f.step, lr.layer, v, name, err)
-                if name == "l2":
-                    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-300)
-                    assert rel.max() <= row_tol, (f.step, lr.layer, rel.max())
-    return prep, fast, worst
-
-
 @pytest.mark.parametrize("mode", ["both"])
 def test_float64_nonsquare_image_two_steps(adapter64, images, mode):
-    prep, fast, worst = _compare(adapter64, [images["wide"]], "What is in this image?", mode, 2, 1e-9, 1e-6,
+    prep, fast, worst = compare_with_naive(adapter64, [images["wide"]], "What is in this image?", mode, 2, 1e-9, 1e-6,
                                  logits=True)
     assert prep.images[0].grid_rows == 2 and prep.images[0].grid_cols == 3
     # Step 1 measures one more key than step 0, and `both` masks every position.
@@ -62,21 +25,21 @@ def test_float64_nonsquare_image_two_steps(adapter64, images, mode):
 
 
 def test_float64_two_images_vision_mode(adapter64, images):
-    prep, fast, _ = _compare(adapter64, [images["wide"], images["tall"]], "Compare the two pictures.", "vision",
+    prep, fast, _ = compare_with_naive(adapter64, [images["wide"], images["tall"]], "Compare the two pictures.", "vision",
                              2, 1e-9, 1e-6, logits=True, window=2)
     assert [(im.grid_rows, im.grid_cols) for im in prep.images] == [(2, 3), (4, 2)]
     assert len(fast[0].layers[0].positions) == 6 + 8
 
 
 def test_float64_text_only(adapter64):
-    target = int(adapter64.tokenizer(" image", add_special_tokens=False)["input_ids"][0])
-    prep, fast, _ = _compare(adapter64, [], "Explain what a rotary embedding is.", "text", 2, 1e-9, 1e-6,
+    target = adapter64.tokenize(" image")[0]
+    prep, fast, _ = compare_with_naive(adapter64, [], "Explain what a rotary embedding is.", "text", 2, 1e-9, 1e-6,
                              logits=True, window=3, target=target)
     assert not prep.images and not bool(prep.is_image.any())
 
 
 def test_float32_within_1e4(adapter32, images):
-    _compare(adapter32, [images["tall"]], "What color is it?", "both", 2, 1e-4, 1e-2, layers=[0, 2])
+    compare_with_naive(adapter32, [images["tall"]], "What color is it?", "both", 2, 1e-4, 1e-2, layers=[0, 2])
 
 
 def test_layer_subset_and_order(adapter64, images):

@@ -21,7 +21,7 @@ COLUMNS = ["generation_step", "layer", "token_masked", "token_position", "varian
 def test_file_format(adapter32, images, tmp_path):
     out = tmp_path / "run.parquet"
     res = run_sweep(adapter32, [str(images["wide"]), str(images["tall"])], "What differs?",
-                    SweepConfig(mask_mode="both", num_tokens=2), output=out, csv=True)
+                    {"mask_mode": "both", "num_tokens": 2, "csv": True}, output=out)
     assert res.path == out and out.exists() and out.with_suffix(".csv").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     pf = pq.ParquetFile(out)
@@ -61,7 +61,7 @@ def test_interrupted_run_keeps_completed_steps(adapter32, images, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(adapter32, [str(images["wide"])], "Hi", SweepConfig(mask_mode="both", num_tokens=3),
+        run_sweep(adapter32, [str(images["wide"])], "Hi", {"mask_mode": "both", "num_tokens": 3},
                   output=out, on_progress=boom)
     assert not out.exists()
     part = io.partial_path(out)
@@ -82,7 +82,7 @@ def test_clean_stale_temps(tmp_path):
 
 def test_float64_run_stores_float64(adapter64, images, tmp_path):
     out = tmp_path / "f64.parquet"
-    run_sweep(adapter64, [], "Hi there", SweepConfig(num_tokens=1, layers=[1]), output=out)
+    run_sweep(adapter64, [], "Hi there", {"num_tokens": 1, "layers": [1]}, output=out)
     t = pq.read_table(out)
     assert str(t.schema.field("l2_distance").type) == "double"
     assert np.isfinite(t.column("l2_distance").to_numpy()).all()

@@ -18,7 +18,6 @@ from maskvl.render import _layout_chips, default_layers, image_grid, read_sweep
 def sweep_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Sweep files of a tiny model: two non-square images (mask both, 2 steps) and text-only."""
     from maskvl.api import run_sweep
-    from maskvl.engine import SweepConfig
     from maskvl.models import load_model, write_tiny_model
 
     root = tmp_path_factory.mktemp("render")
@@ -31,9 +30,9 @@ def sweep_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Image.fromarray(rng.integers(0, 255, (60, 130, 3), dtype=np.uint8)).save(wide)
     Image.fromarray(rng.integers(0, 255, (100, 40, 3), dtype=np.uint8)).save(tall)
     adapter = load_model(str(model))
-    two = run_sweep(adapter, [str(wide), str(tall)], "What differs?", SweepConfig(mask_mode="both", num_tokens=2),
+    two = run_sweep(adapter, [str(wide), str(tall)], "What differs?", {"mask_mode": "both", "num_tokens": 2},
                     output=root / "two.parquet").path
-    text = run_sweep(adapter, [], "Explain this.", SweepConfig(mask_mode="text"), output=root / "text.parquet").path
+    text = run_sweep(adapter, [], "Explain this.", {"mask_mode": "text"}, output=root / "text.parquet").path
     return {"two": two, "text": text, "wide": wide, "tall": tall}
 
 
@@ -115,7 +114,7 @@ def test_render_with_moved_image_warns_and_accepts_image_option(tmp_path: Path, 
     (["--steps", "3"], "step 3 is not in the file"),
     (["--steps", "x"], "bad --steps list"),
     (["--metric", "kl"], "Invalid value for '--metric'"),
-    (["--image", "a.png", "--image", "b.png", "--image", "c.png"], "3 --image given but the file has 2"),
+    (["--image", "a.png", "--image", "b.png", "--image", "c.png"], "3 images given but the file has 2"),
     (["--image", "/no/such.png"], "image not found: /no/such.png"),
     (["--cmap", "nope"], "unknown colour map 'nope'"),
 ])

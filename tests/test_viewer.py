@@ -185,7 +185,7 @@ def test_prototype_file_opens_fast(viewer, path, rows, cols, n_rows):
     # the other metric columns are read after the first render; time keys after that
     v.page.wait_for_function("window.maskvlViewer.perf.backgroundDone", timeout=30000)
     assert load["rows"] == n_rows
-    # issue 5: the 2.58M-row file opens in under 2 s (read + index + first render)
+    # the 2.58M-row file opens in under 2 s (read + index + first render)
     assert load["totalMs"] < 2000, load
     vals = v.values()
     assert [(im["rows"], im["cols"]) for im in vals["images"]] == [(rows, cols)]

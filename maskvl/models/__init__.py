@@ -1,4 +1,8 @@
-"""Model families. ``load_model`` resolves a model spec and returns the family's adapter."""
+"""Model families. ``load_model`` resolves a model spec and returns the family's adapter.
+
+Each family is one module here that registers its adapter (``registry.register``); importing this
+package imports every family module (they import transformers' modeling code lazily, on use).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import InputError, ModelLoadError
+from . import qwen3_vl  # noqa: F401  (registers its adapter)
 from .base import Capture, ImageInfo, ModelAdapter, Prepared
+from .registry import adapter_class, register, supported_model_types
 from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,7 +28,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+        raise InputError(f"dtype (--dtype) must be one of auto, {', '.join(DTYPES)} (got {name!r})")
     return DTYPES[name]
 
 
@@ -32,9 +39,9 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        raise InputError(f"unknown device {name!r}") from exc
+        raise InputError(f"device (--device) is not a device torch knows (got {name!r})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available")
+        raise InputError(f"device (--device) {name!r} requested but CUDA is not available")
     return dev
 
 
@@ -79,14 +86,21 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: torch.devi
             model_type = AutoConfig.from_pretrained(path).model_type
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    from .qwen3_vl import MODEL_TYPES, load_qwen3_vl
+    return adapter_class(model_type).load(path, spec, dtype, device, verbose=verbose)
 
-    if model_type not in MODEL_TYPES:
-        raise ModelLoadError(f"unsupported model type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
-    return load_qwen3_vl(path, spec, dtype, device, verbose=verbose)
+
+def adapter_for_loaded(model: Any, tokenizer: Any = None, image_processor: Any = None,
+                       model_id: str | None = None) -> ModelAdapter:
+    """The registered family's adapter over an already-loaded transformers model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise InputError(f"expected a model id, a directory, a ModelAdapter or a loaded transformers model, "
+                         f"not {type(model).__name__}")
+    return adapter_class(model_type).from_loaded(model, tokenizer, image_processor, model_id)
 
 
 __all__ = [
-    "BUILTIN_TINY", "Capture", "DTYPES", "ImageInfo", "ModelAdapter", "Prepared", "load_model",
-    "resolve_device", "resolve_dtype", "write_tiny_model",
+    "BUILTIN_TINY", "Capture", "DTYPES", "ImageInfo", "ModelAdapter", "Prepared", "adapter_class",
+    "adapter_for_loaded", "load_model", "register", "resolve_device", "resolve_dtype", "supported_model_types",
+    "write_tiny_model",
 ]

@@ -1,15 +1,17 @@
-"""The interface between the engine and a model family.
+"""The contract between maskvl and a model family: :class:`ModelAdapter`.
 
-The engine never touches a model's internals: it asks an adapter to prepare inputs, to run clean
-forwards that capture what the measures need, and for the per-layer pieces it replays (o_proj, the
-post-attention block, a single-position decoder layer, the head). One file per family implements it
-(``maskvl/models/qwen3_vl.py``).
+The engine (``maskvl/engine.py``), the naive oracle (``maskvl/naive.py``), the API and batch runs reach a
+model only through the members listed here; a family implements all of them in one file under
+``maskvl/models/`` and registers its transformers ``model_type`` with
+:func:`maskvl.models.registry.register`. :class:`maskvl.models.decoder.TransformersDecoderAdapter`
+implements the parts common to transformers decoders.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -73,8 +75,25 @@ class Capture:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-class ModelAdapter:
-    """What the engine needs from a model family (see ``qwen3_vl.py`` for the implementation)."""
+# ``attend(q [B, H, D], k_prefix [T, KV, D], v_prefix, k_own [B, KV, D], v_own, scale, exclude [B])``
+# -> ``[B, H, D]``: the backend's shared-prefix decode attention (``maskvl.ops.decode_attention``).
+AttendFn = Callable[..., torch.Tensor]
+
+
+class ModelAdapter(abc.ABC):
+    """Everything maskvl asks of a model family.
+
+    Attributes every adapter sets:
+        model_id: what the user passed (hub id, directory, ``builtin:...``); recorded in the metadata.
+        num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size: the decoder's shape.
+        max_positions: positions the model was trained for (None if unknown); longer runs are refused.
+        scale: the attention softmax scale.
+        dtype, device: where and how the weights live.
+        supports_images: whether :meth:`prepare` accepts images.
+    """
+
+    #: transformers ``config.model_type`` values this adapter handles (the registry's keys).
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
 
     model_id: str
     num_layers: int
@@ -82,51 +101,108 @@ class ModelAdapter:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    vocab_size: int
+    max_positions: int | None
+    scale: float
     dtype: torch.dtype
     device: torch.device
-    scale: float
+    supports_images: bool = False
 
-    def prepare(self, prompt: str, images: list[Any], image_paths: list[str | None]) -> Prepared:
-        raise NotImplementedError
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
+             verbose: bool = False) -> "ModelAdapter":
+        """Load model, tokenizer and processors from a local hub-like directory or a hub id.
 
+        Raises :class:`maskvl.errors.ModelLoadError` with a one-line message when it cannot.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
+                    model_id: str | None = None) -> "ModelAdapter":
+        """Wrap an already-loaded transformers model and its tokenizer (and image processor)."""
+
+    # -------------------------------------------------------------------------------- inputs
+    @abc.abstractmethod
+    def prepare(self, prompt: str, images: list[Any], image_paths: list[str | None],
+                max_pixels: int | None = None) -> Prepared:
+        """Chat-template ``prompt`` with ``images`` (PIL, in prompt order) and tokenize it.
+
+        ``max_pixels`` caps the resized image size. Raises :class:`maskvl.errors.InputError` for
+        inputs the model cannot take.
+        """
+
+    @abc.abstractmethod
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token decoded on its own."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of a token sequence (special tokens kept)."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (``--target-token`` text)."""
+
+    @abc.abstractmethod
     def stop_token_ids(self) -> set[int]:
-        raise NotImplementedError
+        """Tokens that end greedy generation."""
 
+    # ---------------------------------------------------------------------------- clean pass
+    @abc.abstractmethod
     def new_cache(self) -> Any:
-        raise NotImplementedError
+        """An empty KV cache for :meth:`prefill` and :meth:`decode`."""
 
+    @abc.abstractmethod
     def prefill(self, prepared: Prepared, cache: Any) -> Capture:
-        raise NotImplementedError
+        """The model's own forward over the whole prompt, filling ``cache``."""
 
+    @abc.abstractmethod
     def decode(self, token_id: int, cache: Any) -> Capture:
-        raise NotImplementedError
+        """The model's own forward of one more token against ``cache``."""
 
+    @abc.abstractmethod
     def kv(self, cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of all cached positions at ``layer``: ``[T, KV, D]`` each."""
-        raise NotImplementedError
+        """Keys (after norm and RoPE) and values of all cached positions at ``layer``: ``[T, KV, D]`` each."""
 
+    # ---------------------------------------------------------------------- replayed pieces
+    @abc.abstractmethod
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         """``[d_model, H * D]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The layer's MLP branch for residual rows ``h [N, d_model]`` (norm + MLP), in ``dtype``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def replay_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      k_prefix: torch.Tensor, v_prefix: torch.Tensor, exclude: torch.Tensor,
-                     attend: Any, dtype: torch.dtype) -> torch.Tensor:
+                     attend: AttendFn, dtype: torch.dtype) -> torch.Tensor:
         """One decoder layer for B single-position rows ``h [B, d_model]`` at the final position.
 
-        Attention runs through ``attend(q [B,H,D], k_prefix, v_prefix, k_own [B,KV,D], v_own, scale,
-        exclude [B])`` against the shared clean prefix ``[T, KV, D]``. Returns ``[B, d_model]``.
+        Attention runs through ``attend`` against the shared clean prefix ``[T, KV, D]``, each row
+        leaving out key ``exclude[b]`` (-1: none, T: its own). Returns ``[B, d_model]``.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Final norm and LM head for rows ``h [B, d_model]``: ``[B, V]``."""
-        raise NotImplementedError
+
+    # ------------------------------------------------------------- the naive oracle's needs
+    @abc.abstractmethod
+    def forward_full(self, prepared: Prepared, generated: list[int]) -> torch.Tensor:
+        """A fresh, cache-less forward of the prompt plus ``generated``; the final logits ``[V]``."""
+
+    @abc.abstractmethod
+    def decoder_layer(self, layer: int) -> torch.nn.Module:
+        """The decoder layer module (hooks read its input and output)."""
+
+    @abc.abstractmethod
+    def o_proj(self, layer: int) -> torch.nn.Module:
+        """The attention output projection module of ``layer``."""
+
+    @abc.abstractmethod
+    def attention_config(self) -> Any:
+        """The config object whose ``_attn_implementation`` the decoder's attention modules read."""

@@ -17,18 +17,11 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
-from .base import Capture, ImageInfo, ModelAdapter, Prepared
+from .base import Capture, ImageInfo, Prepared
+from .decoder import TransformersDecoderAdapter
+from .registry import register
 
 log = logging.getLogger("maskvl")
-
-MODEL_TYPES = ("qwen3_vl",)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # The model's own rotate_half, so the replayed RoPE is the model's arithmetic.
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
-
-    return rotate_half(x)
 
 
 def _load_image_processor(path: str, verbose: bool):
@@ -58,31 +51,47 @@ def _load_image_processor(path: str, verbose: bool):
     return proc
 
 
-class Qwen3VLAdapter(ModelAdapter):
+@register
+class Qwen3VLAdapter(TransformersDecoderAdapter):
     """Adapter over a loaded ``Qwen3VLForConditionalGeneration`` and its tokenizer/image processor."""
 
-    def __init__(self, model, tokenizer, image_processor, model_id: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.model_id = model_id
+    MODEL_TYPES = ("qwen3_vl",)
+    supports_images = True
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, model_id: str):
         cfg = model.config
-        tc = cfg.text_config
-        self.text_model = model.model.language_model
-        self.layers = list(self.text_model.layers)
-        self.num_layers = len(self.layers)
-        self.num_heads = tc.num_attention_heads
-        self.num_kv_heads = tc.num_key_value_heads
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.hidden_size = tc.hidden_size
-        self.vocab_size = tc.vocab_size
-        self.max_positions = getattr(tc, "max_position_embeddings", None)
-        self.scale = self.layers[0].self_attn.scaling
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        self._setup(model, tokenizer, model_id, model.model.language_model, model.lm_head, cfg.text_config)
+        self.image_processor = image_processor
         self.image_token_id = cfg.image_token_id
         self.merge_size = cfg.vision_config.spatial_merge_size
         self.patch_size = cfg.vision_config.patch_size
+
+    @classmethod
+    def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
+             verbose: bool = False) -> "Qwen3VLAdapter":
+        """Load model, tokenizer and image processor from a local directory or a hub id."""
+        # The family's modeling code is imported only when the family is used.
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        try:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
+        model = model.to(device).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
+        return cls(model, tokenizer, _load_image_processor(path, verbose), model_id)
+
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
+                    model_id: str | None = None) -> "Qwen3VLAdapter":
+        if tokenizer is None or image_processor is None:
+            raise InputError("pass tokenizer= and image_processor= with an already-loaded Qwen3-VL model")
+        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompt: str, images: list[Any], image_paths: list[str | None],
@@ -143,163 +152,18 @@ class Qwen3VLAdapter(ModelAdapter):
         return Prepared(input_ids=input_ids, model_inputs=model_inputs, is_image=is_image, images=infos,
                         prompt_text=text)
 
-    def token_texts(self, ids: list[int]) -> list[str]:
-        return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                           clean_up_tokenization_spaces=False)
-
-    def stop_token_ids(self) -> set[int]:
-        stops: set[int] = set()
-        for src in (getattr(self.model, "generation_config", None), self.model.config,
-                    self.model.config.text_config):
-            eos = getattr(src, "eos_token_id", None) if src is not None else None
-            if isinstance(eos, int):
-                stops.add(eos)
-            elif isinstance(eos, (list, tuple)):
-                stops.update(int(e) for e in eos)
-        for tok in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
-                stops.add(tid)
-        return stops
-
-    # ----------------------------------------------------------------------------- clean pass
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config.text_config)
-
-    def _forward_capture(self, **kwargs: Any) -> Capture:
-        n = self.num_layers
-        xs: list[torch.Tensor | None] = [None] * n
-        qs: list[torch.Tensor | None] = [None] * n
-        rope: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
-        handles = []
-
-        def layer_pre(i):
-            def hook(module, args, kw):
-                h = args[0] if args else kw["hidden_states"]
-                xs[i] = h[0, -1].detach().clone()
-                cos, sin = kw["position_embeddings"]
-                rope[i] = (cos[0, -1].detach().clone(), sin[0, -1].detach().clone())
-            return hook
-
-        def q_post(i):
-            def hook(module, args, out):
-                qs[i] = out[0, -1].detach().clone()  # [H, D], after q_norm, before RoPE
-            return hook
-
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
-            handles.append(layer.self_attn.q_norm.register_forward_hook(q_post(i)))
-        try:
-            with torch.no_grad():
-                out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        q_rot = []
-        for q, (cos, sin) in zip(qs, rope):
-            # The model's apply_rotary_pos_emb on the final row: q * cos + rotate_half(q) * sin.
-            q_rot.append((q * cos) + (_rotate_half(q) * sin))
-        return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0])
-
     def prefill(self, prepared: Prepared, cache) -> Capture:
         # rope_deltas is state the model keeps between calls; a stale value from an earlier prompt
         # would shift this one's decode positions.
         self.model.model.rope_deltas = None
         return self._forward_capture(input_ids=prepared.input_ids, past_key_values=cache, **prepared.model_inputs)
 
-    def decode(self, token_id: int, cache) -> Capture:
-        ids = torch.tensor([[token_id]], device=self.device)
-        return self._forward_capture(input_ids=ids, past_key_values=cache)
-
-    def kv(self, cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lay = cache.layers[layer]
-        return lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1)
-
-    def forward_full(self, prepared: Prepared, generated: list[int]) -> torch.Tensor:
-        """A fresh, cache-less forward of prompt + ``generated``; returns the final logits ``[V]``.
-
-        The brute-force reference uses this: no state is shared with the engine's cached pass.
-        """
-        ids = prepared.input_ids
-        inputs = dict(prepared.model_inputs)
-        if generated:
-            extra = torch.tensor([generated], device=ids.device, dtype=ids.dtype)
-            ids = torch.cat([ids, extra], dim=1)
-            if "mm_token_type_ids" in inputs:
-                tt = inputs["mm_token_type_ids"]
-                inputs["mm_token_type_ids"] = torch.cat([tt, torch.zeros_like(extra, dtype=tt.dtype)], dim=1)
+    def _full_inputs(self, prepared: Prepared, generated: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        ids, inputs = super()._full_inputs(prepared, generated)
+        if "mm_token_type_ids" in inputs:
+            tt = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros((1, ids.shape[1] - tt.shape[1]))], dim=1)
+        # A fresh forward recomputes the MRoPE offset (see prefill).
         self.model.model.rope_deltas = None
-        with torch.no_grad():
-            out = self.model(input_ids=ids, use_cache=False, logits_to_keep=1, **inputs)
-        return out.logits[0, -1]
+        return ids, inputs
 
-    def decoder_layer(self, layer: int) -> torch.nn.Module:
-        return self.layers[layer]
-
-    def o_proj(self, layer: int) -> torch.nn.Module:
-        return self.layers[layer].self_attn.o_proj
-
-    def attention_config(self):
-        """The config object whose ``_attn_implementation`` the decoder's attention modules read."""
-        return self.text_model.config
-
-    # ------------------------------------------------------------------------ replayed pieces
-    def o_proj_weight(self, layer: int) -> torch.Tensor:
-        return self.layers[layer].self_attn.o_proj.weight
-
-    @staticmethod
-    def _run(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Run ``module`` on ``x`` with its parameters in ``dtype`` (no copy when they already are)."""
-        if all(p.dtype == dtype for p in module.parameters()):
-            return module(x.to(dtype))
-        params = {n: p.to(dtype) for n, p in module.named_parameters()}
-        return torch.func.functional_call(module, params, (x.to(dtype),))
-
-    def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        lay = self.layers[layer]
-        return self._run(lay.mlp, self._run(lay.post_attention_layernorm, h, dtype), dtype)
-
-    def replay_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     k_prefix: torch.Tensor, v_prefix: torch.Tensor, exclude: torch.Tensor,
-                     attend: Any, dtype: torch.dtype) -> torch.Tensor:
-        # Qwen3VLTextDecoderLayer.forward for one position per row, with the KV cache's prefix shared
-        # by all rows: input norm, q/k/v projections, per-head q/k RMSNorm, MRoPE, attention, o_proj,
-        # residual, post-attention norm, MLP, residual.
-        lay = self.layers[layer]
-        at = lay.self_attn
-        B = h.shape[0]
-        x = self._run(lay.input_layernorm, h, dtype)
-        q = self._run(at.q_norm, self._run(at.q_proj, x, dtype).view(B, self.num_heads, self.head_dim), dtype)
-        k = self._run(at.k_norm, self._run(at.k_proj, x, dtype).view(B, self.num_kv_heads, self.head_dim), dtype)
-        v = self._run(at.v_proj, x, dtype).view(B, self.num_kv_heads, self.head_dim)
-        cos, sin = (t.to(dtype) for t in rope)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = attend(q, k_prefix, v_prefix, k, v, self.scale, exclude).to(dtype)
-        h = h.to(dtype) + self._run(at.o_proj, o.reshape(B, -1), dtype)
-        return h + self.post_attention(layer, h, dtype)
-
-    def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._run(self.model.lm_head, self._run(self.text_model.norm, h, dtype), dtype)
-
-
-def load_qwen3_vl(path: str, model_id: str, dtype: torch.dtype, device: torch.device,
-                  verbose: bool = False) -> Qwen3VLAdapter:
-    """Load model, tokenizer and image processor from a local directory or a hub id."""
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
-
-    try:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-    model = model.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
-    image_processor = _load_image_processor(path, verbose)
-    return Qwen3VLAdapter(model, tokenizer, image_processor, model_id)

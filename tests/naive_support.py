@@ -1,0 +1,57 @@
+"""The engine against the naive oracle, as a reusable assertion for every model family's tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from maskvl.engine import Engine, SweepConfig
+from maskvl.inputs import load_image
+from maskvl.models.base import ModelAdapter
+from maskvl.naive import naive_sweep, relative_l2_error
+
+
+def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: str, mode: str, steps: int, tol: float,
+                       row_tol: float, layers: list[int] | None = None, logits: bool = False, window: int = 1,
+                       target: int | None = None, backend: str = "reference") -> tuple[Any, list[Any], float]:
+    """Run the engine and the naive oracle on the same inputs and assert they agree.
+
+    Every variant's values over the masked positions must match to ``tol`` relative L2 error, every
+    L2 row to ``row_tol`` relative; with ``logits`` the Logits row's L2, cosine, KL and target
+    probability change too. Returns ``(prepared, engine steps, worst relative error)``.
+    """
+    imgs = [load_image(str(p)) for p in image_paths]
+    prep = adapter.prepare(prompt, imgs, [str(p) for p in image_paths])
+    cfg = SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers, logits=logits, knockout_window=window,
+                      target_token=target)
+    fast = list(Engine(adapter, backend).run(prep, cfg))
+    ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
+    assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
+    assert len(fast) == len(ref) == steps
+    worst = 0.0
+    for f, r in zip(fast, ref):
+        for lr in f.layers:
+            np.testing.assert_array_equal(lr.positions, r.positions)
+            if logits:
+                # The Logits variant is the last row: L2, cosine, KL and target-probability change.
+                m = r.logits_measures(lr.layer, target)
+                for name, got in (("l2", lr.l2[-1]), ("cos", lr.cos[-1]), ("kl", lr.kl[-1]), ("tpd", lr.tpd[-1])):
+                    err = relative_l2_error(got, m[name])
+                    assert err <= tol, ("Logits", f.step, lr.layer, name, err)
+                assert np.isnan(lr.kl[:-1]).all()
+                lr_l2, lr_cos = lr.l2[:-1], lr.cos[:-1]
+            else:
+                lr_l2, lr_cos = lr.l2, lr.cos
+            for name, got, want in (("l2", lr_l2, r.l2[lr.layer]), ("cos", lr_cos, r.cos[lr.layer])):
+                assert got.shape == want.shape
+                assert np.isfinite(got).all()
+                # Per variant: relative L2 error over the masked positions.
+                for v in range(got.shape[0]):
+                    err = relative_l2_error(got[v], want[v])
+                    worst = max(worst, err)
+                    assert err <= tol, (f.step, lr.layer, v, name, err)
+                if name == "l2":
+                    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-300)
+                    assert rel.max() <= row_tol, (f.step, lr.layer, rel.max())
+    return prep, fast, worst
