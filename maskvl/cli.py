@@ -129,24 +129,24 @@ def view(parquet: str, images: tuple[str, ...], output: str | None, open_browser
 
 @cli.command("make-tiny-model")
 @click.argument("directory")
+@click.option("--family", default="qwen3_vl", show_default=True,
+              help="The transformers model type to build (maskvl info lists them).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layers", "num_layers", type=int, default=4, show_default=True)
 @click.option("--heads", "num_heads", type=int, default=4, show_default=True)
 @click.option("--kv-heads", "num_kv_heads", type=int, default=2, show_default=True)
 @click.option("--head-dim", type=int, default=16, show_default=True)
 @click.option("--hidden", "hidden_size", type=int, default=64, show_default=True)
-def make_tiny_model(directory: str, seed: int, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                    hidden_size: int) -> None:
-    """Write a tiny random Qwen3-VL as a hub-like directory (the built-in model by default)."""
-    from .models.tiny import write_tiny_model
+def make_tiny_model(directory: str, family: str, seed: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int, hidden_size: int) -> None:
+    """Write a tiny random model as a hub-like directory (defaults: the built-in Qwen3-VL)."""
+    from .models import adapter_class
 
     if num_heads % num_kv_heads:
         raise MaskvlError("--heads must be a multiple of --kv-heads")
-    if head_dim % 8:
-        raise MaskvlError("--head-dim must be a multiple of 8 (MRoPE sections)")
-    path = write_tiny_model(directory, seed=seed, num_layers=num_layers, num_heads=num_heads,
-                            num_kv_heads=num_kv_heads, head_dim=head_dim, hidden_size=hidden_size,
-                            deepstack=tuple(range(min(3, num_layers))))
+    path = adapter_class(family).write_tiny_model(directory, seed=seed, num_layers=num_layers, num_heads=num_heads,
+                                                  num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                                  hidden_size=hidden_size)
     click.echo(str(path))
 
 

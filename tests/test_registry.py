@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import maskvl
 from maskvl.errors import ModelLoadError
 from maskvl.models import ModelAdapter, Prepared, load_model, registry, supported_model_types
 from maskvl.models.decoder import TransformersDecoderAdapter
-from maskvl.models.tiny import build_tokenizer
+from maskvl.models.tiny import build_tokenizer, write_hub_dir
 from naive_support import compare_with_naive
 
 
@@ -36,6 +37,19 @@ class TinyQwen3TextAdapter(TransformersDecoderAdapter):
         return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(path), model_id)
 
     @classmethod
+    def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tok = build_tokenizer()
+        cfg = Qwen3Config(vocab_size=len(tok), hidden_size=shape.get("hidden_size", 40), intermediate_size=56,
+                          num_hidden_layers=shape.get("num_layers", 3), num_attention_heads=shape.get("num_heads", 6),
+                          num_key_value_heads=shape.get("num_kv_heads", 2), head_dim=shape.get("head_dim", 24),
+                          max_position_embeddings=512, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                          tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        return write_hub_dir(directory, Qwen3ForCausalLM(cfg).eval(), tok)
+
+    @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
                     model_id: str | None = None) -> "TinyQwen3TextAdapter":
         return cls(model, tokenizer, model_id or "loaded")
@@ -51,23 +65,13 @@ class TinyQwen3TextAdapter(TransformersDecoderAdapter):
 @pytest.fixture(scope="module")
 def qwen3_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3 (text-only) written as a hub-like directory."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tok = build_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=40, intermediate_size=56, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=24, max_position_embeddings=512,
-                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=False)
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("qwen3-text")
-    Qwen3ForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return TinyQwen3TextAdapter.write_tiny_model(tmp_path_factory.mktemp("models") / "qwen3-text", seed=3)
 
 
 def test_the_contract_lists_everything_the_engine_uses() -> None:
     abstract = ModelAdapter.__abstractmethods__
     for name in ("load", "from_loaded", "prepare", "token_texts", "detokenize", "tokenize", "stop_token_ids",
-                 "new_cache", "prefill", "decode", "kv", "o_proj_weight", "post_attention", "replay_layer",
+                 "write_tiny_model", "new_cache", "prefill", "decode", "kv", "o_proj_weight", "post_attention", "replay_layer",
                  "final_logits", "forward_full", "decoder_layer", "o_proj", "attention_config"):
         assert name in abstract, name
     for attr in ("model_id", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
@@ -102,3 +106,12 @@ def test_a_second_family_registers_without_touching_engine_or_api(qwen3_text_dir
                              tokenizer=adapter.tokenizer)
         assert again.column("l2_distance").to_pylist() == table.column("l2_distance").to_pylist()
     assert "qwen3" not in supported_model_types()
+
+
+def test_make_tiny_model_family_option(tmp_path: Path, run_main) -> None:
+    code, _, err = run_main(["make-tiny-model", str(tmp_path / "x"), "--family", "nope"])
+    assert code == 2 and err.startswith("maskvl: error: unsupported model type 'nope' (supported: ")
+    with registry.registered(TinyQwen3TextAdapter):
+        code, out, err = run_main(["make-tiny-model", str(tmp_path / "q3"), "--family", "qwen3", "--layers", "2"])
+        assert code == 0, err
+        assert load_model(str(tmp_path / "q3")).num_layers == 2

@@ -10,7 +10,9 @@ implements the parts common to transformers decoders.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -123,6 +125,15 @@ class ModelAdapter(abc.ABC):
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
                     model_id: str | None = None) -> "ModelAdapter":
         """Wrap an already-loaded transformers model and its tokenizer (and image processor)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
+        """Write a tiny random model of this family as a hub-like directory (``maskvl make-tiny-model``).
+
+        ``shape`` takes ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size`` and
+        family-specific config overrides. The directory loads back through :meth:`load`.
+        """
 
     # -------------------------------------------------------------------------------- inputs
     @abc.abstractmethod

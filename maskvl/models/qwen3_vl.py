@@ -20,6 +20,7 @@ from ..errors import InputError, ModelLoadError
 from .base import Capture, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
 from .registry import register
+from .tiny import write_tiny_model
 
 log = logging.getLogger("maskvl")
 
@@ -85,6 +86,13 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
         return cls(model, tokenizer, _load_image_processor(path, verbose), model_id)
+
+    @classmethod
+    def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
+        if shape.get("head_dim", 16) % 8:
+            raise InputError("head_dim must be a multiple of 8 (MRoPE sections)")
+        shape.setdefault("deepstack", tuple(range(min(3, shape.get("num_layers", 4)))))
+        return write_tiny_model(directory, seed=seed, **shape)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -187,25 +188,39 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0, **config_overr
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    out = Path(directory)
     tokenizer = build_tokenizer()
     special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     cfg = tiny_config_dict(vocab_size=len(tokenizer), special_ids=special_ids, **config_overrides)
     config = Qwen3VLConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    return write_hub_dir(directory, model, tokenizer, {
+        "preprocessor_config.json": PREPROCESSOR_CONFIG,
+        "video_preprocessor_config.json": VIDEO_PREPROCESSOR_CONFIG,
+    })
 
+
+def write_hub_dir(directory: str | os.PathLike, model: Any, tokenizer: Any,
+                  json_files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``model`` (``save_pretrained``), ``tokenizer`` and extra JSON files as a hub-like directory.
+
+    The write is atomic: everything goes into a temporary sibling directory that is then renamed onto
+    ``directory`` (replacing an earlier one). Every family's tiny-model writer ends here.
+    """
+    out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-    (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, content in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
