@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import measures
-from .errors import InputError
+from .errors import InputError, OutOfMemory
 from .models.base import Capture, ModelAdapter, Prepared
 from .ops import Backend, get_backend, head_grams
 from .options import OPTIONS
@@ -52,7 +52,8 @@ class SweepConfig:
         layers = opts["layers"]
         return cls(mask_mode=opts["mask_mode"], num_tokens=opts["num_tokens"],
                    layers=list(layers) if layers is not None else None, backend=opts["backend"],
-                   logits=opts["logits"], knockout_window=opts["knockout_window"], target_token=target_token)
+                   logits=opts["logits"], knockout_window=opts["knockout_window"], target_token=target_token,
+                   max_batch_rows=opts["max_batch_rows"])
 
     def validate(self, num_layers: int) -> list[int]:
         """The measured layers, ascending, checked against the model's ``num_layers``."""
@@ -131,22 +132,39 @@ class Engine:
 
     def __init__(self, adapter: ModelAdapter, backend: str | Backend = "auto", max_rows: int = 4096):
         self.adapter = adapter
-        self.max_rows = max_rows
+        # Rows per batched chunk (MLP, Logits replay, LM head); halved on out-of-memory (_in_chunks).
+        self.rows = max_rows
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, adapter.device)
         self.cd = measures.compute_dtype(adapter.dtype)
         self._grams: dict[int, torch.Tensor] = {}
-        self._wo: dict[int, torch.Tensor] = {}
+        self._note: Callable[[str], None] | None = None
+
+    def _in_chunks(self, n: int, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """``cat(fn(i, j))`` over row ranges ``[i, j)`` of at most ``self.rows`` of ``n`` rows.
+
+        Out of memory, the chunk size halves and the whole call is redone, so a result is never
+        partial or made up; only at one row per chunk does the error propagate.
+        """
+        while True:
+            rows = self.rows
+            try:
+                if n == 0:
+                    return fn(0, 0)
+                return torch.cat([fn(i, min(i + rows, n)) for i in range(0, n, rows)])
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                self.rows = rows // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self._note is not None:
+                    self._note(f"out of memory with {rows} rows per chunk; retrying with {self.rows} "
+                               f"(max_batch_rows (--max-batch-rows) sets the starting size)")
 
     def _gram(self, layer: int) -> torch.Tensor:
         if layer not in self._grams:
             self._grams[layer] = head_grams(self.adapter.o_proj_weight(layer), self.adapter.num_heads, self.cd)
         return self._grams[layer]
-
-    def _o_proj(self, layer: int) -> torch.Tensor:
-        if layer not in self._wo:
-            # Kept in the compute dtype for the sweep: o_proj is small next to the MLP.
-            self._wo[layer] = self.adapter.o_proj_weight(layer).to(self.cd)
-        return self._wo[layer]
 
     def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor
                       ) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
@@ -162,16 +180,16 @@ class Engine:
         pos = positions.to(delta.device)
         delta = delta.index_select(0, pos)  # [P, H, D]
         P = delta.shape[0]
-        wo = self._o_proj(layer)  # [d, H*D]
+        # Cast per use, not cached: a compute-dtype copy of every layer's o_proj would cost GBs at 4B.
+        wo = a.o_proj_weight(layer).to(self.cd)  # [d, H*D]
         attn_clean = wo @ o.reshape(-1)  # [d]
         attn_delta = delta.reshape(P, -1) @ wo.T  # [P, d]
         x = cap.x[layer].to(cd)
         h_clean = x + attn_clean
         mlp_clean = a.post_attention(layer, h_clean.unsqueeze(0), cd)[0]
         # Chunked so that the MLP's [rows, intermediate] activations stay bounded for long sequences.
-        step = self.max_rows
-        mlp_masked = torch.cat([a.post_attention(layer, h_clean.unsqueeze(0) + attn_delta[i:i + step], cd)
-                                for i in range(0, P, step)]) if P else attn_delta  # [P, d]
+        mlp_masked = self._in_chunks(P, lambda i, j: a.post_attention(
+            layer, h_clean.unsqueeze(0) + attn_delta[i:j], cd)) if P else attn_delta  # [P, d]
         full_clean = attn_clean + mlp_clean
         full_delta = attn_delta + (mlp_masked - mlp_clean)
         l2_full, cos_full = self.backend.vector_distances(full_clean, full_delta)
@@ -184,34 +202,31 @@ class Engine:
         return result, full_clean, full_delta
 
     def _propagate(self, layer: int, batches: list["_LogitsBatch"], cap: Capture, cache: Any, seq_len: int,
-                   window: int, max_rows: int) -> None:
+                   window: int) -> None:
         """Run every started batch's rows through ``layer`` (single-position decode against the clean prefix)."""
         a = self.adapter
         k, v = a.kv(cache, layer)
         T = seq_len - 1
-        k_pre, v_pre = k[:T], v[:T]
+        # The replayed rows are in the compute dtype; a bf16/fp16 cache is upcast to match (every
+        # backend's decode attention takes one dtype).
+        k_pre, v_pre = k[:T].to(self.cd), v[:T].to(self.cd)
         rows = torch.cat([b.h for b in batches])
         # Rows still inside their knockout window leave their key out here too (the final position's
         # own key, p == T, is the own row of the decode attention).
         exclude = torch.cat([b.exclude if layer - b.start < window else torch.full_like(b.exclude, -1)
                              for b in batches]).to(rows.device)
-        out = torch.cat([
-            a.replay_layer(layer, rows[i:i + max_rows], cap.rope, k_pre, v_pre, exclude[i:i + max_rows],
-                           self.backend.decode_attention, self.cd)
-            for i in range(0, rows.shape[0], max_rows)
-        ])
+        out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
+            layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
         i = 0
         for b in batches:
             n = b.h.shape[0]
             b.h = out[i:i + n]
             i += n
 
-    def _finish_logits(self, batches: list["_LogitsBatch"], results: dict[int, LayerResult], target: int,
-                       max_rows: int) -> None:
+    def _finish_logits(self, batches: list["_LogitsBatch"], results: dict[int, LayerResult], target: int) -> None:
         """Final norm + LM head for every batch; append the Logits row to each layer's result."""
         for b in batches:
-            logits = torch.cat([self.adapter.final_logits(b.h[i:i + max_rows], self.cd)
-                                for i in range(0, b.h.shape[0], max_rows)])
+            logits = self._in_chunks(b.h.shape[0], lambda i, j: self.adapter.final_logits(b.h[i:j], self.cd))
             clean, masked = logits[0], logits[1:]
             l2, cos = self.backend.vector_distances(clean, masked - clean)
             kl, tpd = measures.logits_effects(clean, masked, target)
@@ -234,46 +249,56 @@ class Engine:
         a = self.adapter
         layers = config.validate(a.num_layers)
         if config.mask_mode == "vision" and not bool(prepared.is_image.any()):
-            raise InputError("--mask-mode vision needs at least one image")
+            raise InputError(f"{OPTIONS['mask_mode'].label} vision needs at least one image")
         stops = a.stop_token_ids()
         cache = a.new_cache()
         is_image = prepared.is_image.clone()
         seq_len = prepared.input_ids.shape[1]
         token = -1
+        self.rows = config.max_batch_rows
+        self._note = on_note
         for step in range(config.num_tokens):
             t0 = time.perf_counter()
-            cap = a.prefill(prepared, cache) if step == 0 else a.decode(token, cache)
             positions = mask_positions(is_image, config.mask_mode)
-            if config.logits and on_note is not None:
-                rows = len(layers) * (len(positions) + 1)
-                if rows > config.max_batch_rows:
-                    on_note(f"step {step}: Logits runs up to {rows} rows per layer in chunks of "
-                            f"{config.max_batch_rows}")
-            results: dict[int, LayerResult] = {}
-            batches: list[_LogitsBatch] = []
-            measured = set(layers)
-            token = int(cap.logits.argmax())
-            with torch.no_grad():
-                for layer in range(layers[0], a.num_layers if config.logits else layers[-1] + 1):
-                    if batches:
-                        self._propagate(layer, batches, cap, cache, seq_len, config.knockout_window,
-                                        config.max_batch_rows)
-                    if layer not in measured:
-                        continue
-                    lr, full_clean, full_delta = self.measure_layer(cap, cache, layer, positions)
-                    results[layer] = lr
+            try:
+                cap = a.prefill(prepared, cache) if step == 0 else a.decode(token, cache)
+                if config.logits and on_note is not None:
+                    rows = len(layers) * (len(positions) + 1)
+                    if rows > config.max_batch_rows:
+                        on_note(f"step {step}: Logits runs up to {rows} rows per layer in chunks of "
+                                f"{config.max_batch_rows}")
+                results: dict[int, LayerResult] = {}
+                batches: list[_LogitsBatch] = []
+                measured = set(layers)
+                token = int(cap.logits.argmax())
+                with torch.no_grad():
+                    for layer in range(layers[0], a.num_layers if config.logits else layers[-1] + 1):
+                        if batches:
+                            self._propagate(layer, batches, cap, cache, seq_len, config.knockout_window)
+                        if layer not in measured:
+                            continue
+                        lr, full_clean, full_delta = self.measure_layer(cap, cache, layer, positions)
+                        results[layer] = lr
+                        if config.logits:
+                            # Row 0 is this layer's clean output, replayed through the same arithmetic as
+                            # the masked rows so that their difference is only the masking.
+                            out = cap.x[layer].to(self.cd) + full_clean
+                            h = torch.cat([out.unsqueeze(0), out.unsqueeze(0) + full_delta])
+                            ex = torch.cat([torch.tensor([-1]), positions.cpu()])
+                            batches.append(_LogitsBatch(layer, h, ex))
+                        if on_layer is not None:
+                            on_layer(step, layer)
                     if config.logits:
-                        # Row 0 is this layer's clean output, replayed through the same arithmetic as
-                        # the masked rows so that their difference is only the masking.
-                        out = cap.x[layer].to(self.cd) + full_clean
-                        h = torch.cat([out.unsqueeze(0), out.unsqueeze(0) + full_delta])
-                        ex = torch.cat([torch.tensor([-1]), positions.cpu()])
-                        batches.append(_LogitsBatch(layer, h, ex))
-                    if on_layer is not None:
-                        on_layer(step, layer)
-                if config.logits:
-                    target = config.target_token if config.target_token is not None else token
-                    self._finish_logits(batches, results, target, config.max_batch_rows)
+                        target = config.target_token if config.target_token is not None else token
+                        self._finish_logits(batches, results, target)
+            except torch.OutOfMemoryError:
+                # Chunked work has already been retried with smaller chunks (_in_chunks); what remains
+                # does not fit. The caller keeps the completed steps (a .partial.parquet file).
+                raise OutOfMemory(
+                    f"out of memory at step {step} ({seq_len} tokens, {len(positions)} masked positions, "
+                    f"{self.rows} rows per chunk): lower max_batch_rows (--max-batch-rows), use a smaller "
+                    f"image (max_pixels (--max-pixels)) or measure fewer positions (mask_mode (--mask-mode))"
+                ) from None
             yield StepResult(step, seq_len, [results[layer] for layer in layers], token, time.perf_counter() - t0)
             if token in stops:
                 break

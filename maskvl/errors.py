@@ -15,3 +15,8 @@ class InputError(MaskvlError, ValueError):
 
 class ModelLoadError(MaskvlError):
     """A model id or directory that cannot be loaded."""
+
+
+class OutOfMemory(MaskvlError):
+    """The device ran out of memory even after the engine shrank its batches; the message names the
+    options that lower memory use."""

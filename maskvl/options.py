@@ -188,6 +188,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            choices=DTYPE_NAMES, model_level=True),
     Option("device", None, "cpu, cuda, cuda:1 ... (default: cuda if available).", _device, metavar="DEVICE",
            model_level=True),
+    Option("max_batch_rows", 4096, "Rows per batched MLP / Logits chunk; lower it to use less memory "
+           "(halved automatically when the device runs out of memory).", _int_at_least(1), metavar="N",
+           fingerprint=False),
     Option("csv", False, "Also write a CSV beside the Parquet file.", _bool, flag=True, fingerprint=False),
 ]}
 

@@ -11,6 +11,7 @@ and LM head are, and implements input preparation (``prepare``) and anything its
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -163,13 +164,48 @@ class TransformersDecoderAdapter(ModelAdapter):
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         return self.layers[layer].self_attn.o_proj.weight
 
-    @staticmethod
-    def _run(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Parameters cast to the compute dtype, kept while they are reused (the MLP and the replayed layer
+    # run once per row chunk). Bounded in bytes: a copy of every layer (or of a 150k-row LM head) would
+    # cost gigabytes at 4B; see _linear_out_chunked for the modules too large to cache.
+    CAST_CACHE_BYTES = 512 * 2**20
+
+    def _cast_params(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        cache: OrderedDict = self.__dict__.setdefault("_cast_cache", OrderedDict())
+        key = (id(module), dtype)
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit[0]
+        params = {n: p.to(dtype) for n, p in module.named_parameters()}
+        size = sum(p.numel() * p.element_size() for p in params.values())
+        if size <= self.CAST_CACHE_BYTES:
+            cache[key] = (params, size)
+            while sum(v[1] for v in cache.values()) > self.CAST_CACHE_BYTES:
+                cache.popitem(last=False)
+        return params
+
+    def _run(self, module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Run ``module`` on ``x`` with its parameters in ``dtype`` (no copy when they already are)."""
         if all(p.dtype == dtype for p in module.parameters()):
             return module(x.to(dtype))
-        params = {n: p.to(dtype) for n, p in module.named_parameters()}
-        return torch.func.functional_call(module, params, (x.to(dtype),))
+        return torch.func.functional_call(module, self._cast_params(module, dtype), (x.to(dtype),))
+
+    @staticmethod
+    def _linear_out_chunked(linear: torch.nn.Linear, x: torch.Tensor, dtype: torch.dtype,
+                            max_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """``linear(x)`` in ``dtype`` for a large Linear (the LM head), casting its weight in blocks of
+        output rows of at most ``max_bytes`` instead of a whole copy. ``x [B, in]`` -> ``[B, out]``."""
+        w, b = linear.weight, linear.bias
+        x = x.to(dtype)
+        if w.dtype == dtype:
+            return torch.nn.functional.linear(x, w, b)
+        rows = max(1, max_bytes // (w.shape[1] * torch.tensor([], dtype=dtype).element_size()))
+        out = x.new_empty((x.shape[0], w.shape[0]))
+        for i in range(0, w.shape[0], rows):
+            out[:, i:i + rows] = x @ w[i:i + rows].to(dtype).T
+        if b is not None:
+            out += b.to(dtype)
+        return out
 
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lay = self.layers[layer]
@@ -206,4 +242,4 @@ class TransformersDecoderAdapter(ModelAdapter):
         return h + self.post_attention(layer, h, dtype)
 
     def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._run(self.lm_head, self._run(self.text_model.norm, h, dtype), dtype)
+        return self._linear_out_chunked(self.lm_head, self._run(self.text_model.norm, h, dtype), dtype)
