@@ -1,9 +1,10 @@
 """Self-contained HTML pages for maskvl Parquet files.
 
 `write_page` inlines the static viewer (``viewer/``: HTML, CSS, the vendored
-Parquet reader and the viewer script), the Parquet file (base64) and the
-images (data URLs) into ONE HTML file that opens from ``file://`` with no
-server and no network. `open_in_browser` opens such a page.
+Parquet reader and the viewer's scripts, in the order ``index.html`` lists
+them), the Parquet file (base64) and the images (data URLs) into ONE HTML file
+that opens from ``file://`` with no server and no network. `open_in_browser`
+opens such a page.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ log = logging.getLogger(__name__)
 _PKG = pathlib.Path(__file__).resolve().parent
 VIEWER_DIR = _PKG.parent / "viewer" if (_PKG.parent / "viewer" / "index.html").is_file() else _PKG / "_viewer"
 
-# Tags of viewer/index.html that write_page replaces by inline content.
+# Tags of viewer/index.html that write_page replaces by inline content: the
+# stylesheet, and every classic script (the vendored reader first, then the
+# viewer's parts), each inlined where its tag stands so their order is kept.
 _CSS_TAG = '<link rel="stylesheet" href="viewer.css">'
 _VENDOR_TAG = '<script src="vendor/hyparquet.js"></script>'
-_VIEWER_TAG = '<script src="viewer.js"></script>'
+_SCRIPT_TAG_RE = re.compile(r'<script src="([A-Za-z0-9_./-]+\.js)"></script>')
 _CSP_SCRIPT_SRC = "script-src 'self' 'unsafe-inline'"
 
 # Image types a browser shows in <img>/canvas, by magic bytes. SVG is left out
@@ -118,6 +121,20 @@ def _script_tag(body: str) -> str:
     return f"<script>{body}</script>"
 
 
+def _viewer_scripts(page: str) -> list[tuple[str, str]]:
+    """The classic scripts that viewer/index.html loads, in order, as (tag, source text)."""
+    scripts = []
+    for m in _SCRIPT_TAG_RE.finditer(page):
+        rel = m.group(1)
+        path = (VIEWER_DIR / rel).resolve()
+        if ".." in rel.split("/") or not path.is_file():
+            raise RuntimeError(f"viewer/index.html names a script that is not in the viewer folder: {rel}")
+        scripts.append((m.group(0), path.read_text(encoding="utf-8")))
+    if not scripts or scripts[0][0] != _VENDOR_TAG:
+        raise RuntimeError(f"viewer/index.html must load {_VENDOR_TAG} first")
+    return scripts
+
+
 def _csp_hash(body: str) -> str:
     digest = hashlib.sha256(body.encode("utf-8")).digest()
     return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
@@ -181,10 +198,9 @@ def write_page(
         raise ViewError(f"viewer files not found in {VIEWER_DIR}")
     page = (VIEWER_DIR / "index.html").read_text(encoding="utf-8")
     css = (VIEWER_DIR / "viewer.css").read_text(encoding="utf-8")
-    vendor = (VIEWER_DIR / "vendor" / "hyparquet.js").read_text(encoding="utf-8")
-    viewer = (VIEWER_DIR / "viewer.js").read_text(encoding="utf-8")
     if "</style" in css.lower():
         raise RuntimeError("viewer.css contains '</style' and cannot be inlined")
+    scripts = _viewer_scripts(page)
 
     # Data blocks: non-executable script types, so the browser never runs them.
     # base64 holds no '<'; the JSON escapes '<', '>' and '&' so no text in it can
@@ -198,15 +214,13 @@ def write_page(
         + "</script>\n"
         + f'<script type="application/json" id="maskvl-images">{images_json}</script>\n'
     )
-    # Only the two inline scripts may run: allow them by hash rather than by
+    # Only the inline scripts may run: allow them by hash rather than by
     # 'unsafe-inline', so even an injected inline handler could not run.
-    csp_scripts = f"script-src {_csp_hash(vendor)} {_csp_hash(viewer)}"
-    replacements = [
-        (_CSS_TAG, f"<style>{css}</style>"),
-        (_VENDOR_TAG, data_blocks + _script_tag(vendor)),
-        (_VIEWER_TAG, _script_tag(viewer)),
-        (_CSP_SCRIPT_SRC, csp_scripts),
-    ]
+    csp_scripts = "script-src " + " ".join(_csp_hash(body) for _, body in scripts)
+    replacements = [(_CSS_TAG, f"<style>{css}</style>"), (_CSP_SCRIPT_SRC, csp_scripts)]
+    for tag, body in scripts:
+        # The data blocks go before the reader, so they exist when the viewer starts.
+        replacements.append((tag, (data_blocks if tag == _VENDOR_TAG else "") + _script_tag(body)))
     for old, _ in replacements:
         if page.count(old) != 1:
             raise RuntimeError(f"viewer/index.html no longer contains {old!r} exactly once")

@@ -1,0 +1,87 @@
+/*
+ * maskvl viewer, chart: the pinned token's value across layers, one line per
+ * generation step; a click on the chart jumps to that layer.
+ */
+(function (mv) {
+  'use strict';
+
+  const { $, el, fmt } = mv.util;
+  const app = mv.app;
+
+  // ------------------------------------------------------------- pin chart
+
+  function togglePin(q) {
+    app.state.pinned = app.state.pinned === q ? -1 : q;
+    mv.app.render();
+  }
+
+  const STEP_COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#7f7f7f', '#bcbd22'];
+
+  /** Value of position q at (step, layer, variant): scan of that key's rows. */
+  function valueAt(col, s, l, vi, q) {
+    const k = mv.grid.keyOf(app.state.prompt, s, l, vi);
+    const perm = app.ds.perm, pos = app.ds.pos;
+    for (let j = app.ds.offsets[k], hi = app.ds.offsets[k + 1]; j < hi; j++) { const r = perm[j]; if (pos[r] === q) return col[r]; }
+    return NaN;
+  }
+
+  function drawPinChart(col) {
+    const q = app.state.pinned;
+    const panel = $('pin-panel');
+    panel.hidden = false;
+    const series = [];
+    let max = 0, min = 0;
+    for (let s = 0; s < app.ds.S; s++) {
+      const ys = new Float64Array(app.ds.L);
+      for (let l = 0; l < app.ds.L; l++) {
+        const y = valueAt(col, s, l, app.state.variant, q);
+        ys[l] = y;
+        if (y > max) max = y;
+        if (y < min) min = y;
+      }
+      series.push(ys);
+    }
+    const pr = app.ds.prompts[app.state.prompt];
+    const where = app.layout.posImg[q] >= 0 ? (() => { const im = app.layout.images[app.layout.posImg[q]]; const k = q - im.start; return ` · image ${im.index} row ${Math.floor(k / im.cols)} col ${k % im.cols}`; })() : '';
+    $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at position ${q}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)`;
+    const cv = $('pin-chart');
+    const ctx = cv.getContext('2d');
+    const W = cv.width, H = cv.height, m = { l: 56, r: 10, t: 10, b: 26 };
+    ctx.clearRect(0, 0, W, H);
+    ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, W, H);
+    if (max === min) max = min + 1;
+    const X = (l) => m.l + (app.ds.L > 1 ? (l / (app.ds.L - 1)) * (W - m.l - m.r) : 0);
+    const Y = (y) => H - m.b - ((y - min) / (max - min)) * (H - m.t - m.b);
+    ctx.strokeStyle = '#999'; ctx.lineWidth = 1;
+    ctx.beginPath(); ctx.moveTo(m.l, m.t); ctx.lineTo(m.l, H - m.b); ctx.lineTo(W - m.r, H - m.b); ctx.stroke();
+    ctx.fillStyle = '#333'; ctx.font = '11px sans-serif'; ctx.textAlign = 'right'; ctx.textBaseline = 'middle';
+    for (const y of [min, (min + max) / 2, max]) ctx.fillText(fmt(y), m.l - 4, Y(y));
+    ctx.textAlign = 'center'; ctx.textBaseline = 'top';
+    const every = Math.max(1, Math.ceil(app.ds.L / 12));
+    for (let l = 0; l < app.ds.L; l += every) ctx.fillText(String(app.ds.layers[l]), X(l), H - m.b + 4);
+    ctx.strokeStyle = '#bbb'; ctx.setLineDash([4, 3]);
+    ctx.beginPath(); ctx.moveTo(X(app.state.layer), m.t); ctx.lineTo(X(app.state.layer), H - m.b); ctx.stroke();
+    ctx.setLineDash([]);
+    series.forEach((ys, s) => {
+      ctx.strokeStyle = STEP_COLOURS[s % STEP_COLOURS.length];
+      ctx.lineWidth = s === app.state.step ? 2.5 : 1.5;
+      ctx.beginPath();
+      let pen = false;
+      for (let l = 0; l < app.ds.L; l++) {
+        if (!Number.isFinite(ys[l])) { pen = false; continue; }
+        if (pen) ctx.lineTo(X(l), Y(ys[l])); else ctx.moveTo(X(l), Y(ys[l]));
+        pen = true;
+      }
+      ctx.stroke();
+    });
+    $('pin-legend').textContent = series.map((_, s) => `step ${app.ds.steps[s]}: ${STEP_COLOURS[s % STEP_COLOURS.length]}`).join(' · ') + ' · click the chart to jump to a layer';
+    cv.onclick = (e) => {
+      const rect = cv.getBoundingClientRect();
+      const x = ((e.clientX - rect.left) / rect.width) * W;
+      app.state.layer = Math.max(0, Math.min(app.ds.L - 1, Math.round(((x - m.l) / (W - m.l - m.r)) * (app.ds.L - 1))));
+      mv.app.render();
+    };
+  }
+
+  mv.chart = { togglePin, drawPinChart };
+})(window.maskvl = window.maskvl || {});

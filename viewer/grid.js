@@ -1,0 +1,471 @@
+/*
+ * maskvl viewer, grid and chip drawing: the views' DOM (one canvas per image,
+ * one chip per text token), colour scales and colourbars, the tooltip, the
+ * all-heads panel and the PNG export. A render touches only the rows of the
+ * current key (~1-2k for usual files): image grids are drawn one pixel per
+ * cell and scaled up; chips are reused and only changed where they differ.
+ */
+(function (mv) {
+  'use strict';
+
+  const { $, el, fmt, visibleText, METRICS, LUT_IMAGE, LUT_TEXT, LUT_DIV } = mv.util;
+  const app = mv.app;
+
+  // ------------------------------------------------------------- view DOM
+
+  function cellSize(im, nImages, compare) {
+    const avail = Math.max(320, (document.documentElement.clientWidth - 48) / (compare ? 2 : 1));
+    const maxW = Math.min(640, (avail - 16 * (nImages - 1)) / nImages);
+    const aspect = im.resized ? (im.resized[1] / im.rows) / (im.resized[0] / im.cols) : 1; // cell h / w
+    let w = Math.floor(Math.min(maxW / im.cols, 560 / (im.rows * aspect), 48));
+    w = Math.max(w, 3);
+    return [w, Math.max(2, Math.round(w * aspect))];
+  }
+
+  /** Build the DOM of one view (image canvases + chips), reused across renders. */
+  function buildView(container, which) {
+    container.replaceChildren();
+    const v = { which, container, title: el('div', { className: 'view-title' }), blocks: [], chips: [] };
+    container.append(v.title);
+    const imgWrap = el('div', { className: 'images' });
+    app.layout.images.forEach((im, i) => {
+      const [cw, ch] = cellSize(im, app.layout.images.length, app.state.compare !== 'off');
+      const dpr = window.devicePixelRatio || 1;
+      const canvas = el('canvas', { 'data-image': String(i) });
+      canvas.width = Math.round(im.cols * cw * dpr);
+      canvas.height = Math.round(im.rows * ch * dpr);
+      canvas.style.width = im.cols * cw + 'px';
+      canvas.style.height = im.rows * ch + 'px';
+      const small = document.createElement('canvas');
+      small.width = im.cols; small.height = im.rows;
+      const caption = el('div', { className: 'caption', text: `Image ${i} · ${im.rows}×${im.cols} grid (${im.count} tokens)` + (im.path ? ' · ' + im.path.split(/[\\/]/).pop() : '') });
+      const block = el('div', { className: 'image-block', 'data-image': String(i) }, caption, canvas);
+      imgWrap.append(block);
+      const b = { im, canvas, small, smallCtx: small.getContext('2d'), ctx: canvas.getContext('2d'), cw, ch, img: small.getContext('2d').createImageData(im.cols, im.rows) };
+      v.blocks.push(b);
+      canvas.addEventListener('mousemove', (e) => hoverCell(e, v, b));
+      canvas.addEventListener('mouseleave', hideTip);
+      canvas.addEventListener('click', (e) => { const q = cellAt(e, b); if (q >= 0) mv.chart.togglePin(q); });
+      block.addEventListener('dragover', (e) => { e.preventDefault(); block.classList.add('drop-target'); });
+      block.addEventListener('dragleave', () => block.classList.remove('drop-target'));
+      block.addEventListener('drop', (e) => {
+        e.preventDefault(); e.stopPropagation(); block.classList.remove('drop-target');
+        const f = [...(e.dataTransfer.files || [])].find((x) => x.type.startsWith('image/'));
+        if (f) mv.controls.loadImageFile(f, i);
+        else if (e.dataTransfer.files.length) mv.controls.handleFiles(e.dataTransfer.files);
+      });
+    });
+    v.imageStats = el('div', { className: 'stats' });
+    if (app.layout.images.length) container.append(el('div', { className: 'view-section-title', text: 'Image tokens' }), imgWrap, v.imageStats);
+    v.textStats = el('div', { className: 'stats' });
+    const chipWrap = el('div', { className: 'chips' });
+    const pr = app.ds.prompts[app.layout.p];
+    app.layout.textPositions.forEach((q, i) => {
+      const t = pr.texts[q];
+      const chip = el('span', { className: 'chip', 'data-pos': String(q) }, el('span', { className: 't', text: visibleText(t) }), el('span', { className: 'v', text: '' }));
+      if (/^<\|.*\|>$|^<\/?s>$|^<.*>$/.test(t)) chip.classList.add('special');
+      chipWrap.append(chip);
+      v.chips.push({ node: chip, val: chip.lastChild, q, shown: true, bg: -1, nodata: false, pin: false });
+    });
+    chipWrap.addEventListener('mouseover', (e) => { const c = e.target.closest('.chip'); if (c) hoverChip(e, v, Number(c.dataset.pos)); });
+    chipWrap.addEventListener('mousemove', (e) => { const c = e.target.closest('.chip'); if (c) moveTip(e); });
+    chipWrap.addEventListener('mouseleave', hideTip);
+    chipWrap.addEventListener('click', (e) => { const c = e.target.closest('.chip'); if (c) mv.chart.togglePin(Number(c.dataset.pos)); });
+    container.append(el('div', { className: 'view-section-title', text: 'Text tokens' }), chipWrap, v.textStats);
+    v.imageVals = new Float32Array(app.layout.totalCells);
+    v.textVals = new Float32Array(app.layout.textPositions.length);
+    return v;
+  }
+
+  function rebuildViews() {
+    app.views.a = buildView($('view-a'), 'a');
+    $('view-b').hidden = app.state.compare === 'off';
+    app.views.b = app.state.compare === 'off' ? null : buildView($('view-b'), 'b');
+  }
+
+  function keyOf(p, s, l, v) { return ((p * app.ds.S + s) * app.ds.L + l) * app.ds.V + v; }
+
+  /** Fill a view's value buffers for (step, layer, variant); returns row count. */
+  function gather(v, s, l, vi, col) {
+    v.imageVals.fill(NaN);
+    v.textVals.fill(NaN);
+    const k = keyOf(app.state.prompt, s, l, vi);
+    const lo = app.ds.offsets[k], hi = app.ds.offsets[k + 1];
+    const perm = app.ds.perm, pos = app.ds.pos, posImg = app.layout.posImg, posCell = app.layout.posCell, nPos = posImg.length;
+    for (let j = lo; j < hi; j++) {
+      const r = perm[j];
+      const q = pos[r];
+      if (q >= nPos) continue;
+      const c = posCell[q];
+      if (c < 0) continue;
+      if (posImg[q] >= 0) v.imageVals[c] = col[r];
+      else v.textVals[c] = col[r];
+    }
+    return hi - lo;
+  }
+
+  /** Colour scale of one modality over one or more value buffers. */
+  function makeScale(buffers, excluded, signed, scaling) {
+    let max = 0, sum = 0, count = 0;
+    for (const buf of buffers) {
+      for (let i = 0; i < buf.length; i++) {
+        const x = buf[i];
+        if (!Number.isFinite(x)) continue;
+        sum += x; count++;
+        if (excluded && excluded.has(i)) continue;
+        const a = signed ? Math.abs(x) : x;
+        if (a > max) max = a;
+      }
+    }
+    let sorted = null;
+    if (scaling === 'percentile') {
+      const all = [];
+      for (const buf of buffers) for (let i = 0; i < buf.length; i++) if (Number.isFinite(buf[i])) all.push(signed ? buf[i] : buf[i]);
+      sorted = Float64Array.from(all).sort();
+    }
+    return { max, mean: count ? sum / count : NaN, count, signed, scaling, sorted };
+  }
+
+  /** Map a value to a LUT index 0..255 under a scale. */
+  function lutIndex(x, sc) {
+    let t;
+    if (sc.scaling === 'percentile') {
+      const a = sc.sorted;
+      let lo = 0, hi = a.length;
+      while (lo < hi) { const m = (lo + hi) >> 1; if (a[m] < x) lo = m + 1; else hi = m; }
+      t = a.length > 1 ? lo / (a.length - 1) : 1;
+      if (sc.signed) t = t; // percentile rank already spans the diverging map
+    } else {
+      const m = sc.max > 0 ? sc.max : 1;
+      let u = x / m;
+      if (sc.signed) {
+        u = Math.max(-1, Math.min(1, u));
+        if (sc.scaling === 'sqrt') u = Math.sign(u) * Math.sqrt(Math.abs(u));
+        t = (u + 1) / 2;
+      } else {
+        u = Math.max(0, Math.min(1, u));
+        t = sc.scaling === 'sqrt' ? Math.sqrt(u) : u;
+      }
+    }
+    return Math.max(0, Math.min(255, Math.round(t * 255)));
+  }
+
+  function drawImageBlock(v, b, sc, lut) {
+    const { im, img, smallCtx, small, ctx, canvas } = b;
+    const d = img.data;
+    const vals = v.imageVals;
+    for (let k = 0; k < im.rows * im.cols; k++) {
+      const x = vals[im.cellBase + k];
+      const o = k * 4;
+      if (Number.isFinite(x)) {
+        const li = lutIndex(x, sc) * 3;
+        d[o] = lut.rgb[li]; d[o + 1] = lut.rgb[li + 1]; d[o + 2] = lut.rgb[li + 2]; d[o + 3] = 255;
+      } else {
+        d[o] = 200; d[o + 1] = 200; d[o + 2] = 200; d[o + 3] = 90; // no value (padding cell or missing row)
+      }
+    }
+    smallCtx.putImageData(img, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.globalAlpha = 1;
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    const photo = app.imagesLoaded[im.index];
+    if (photo) {
+      // The grid covers the resized image exactly, so stretch the image to the grid's extent.
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(photo, 0, 0, canvas.width, canvas.height);
+      ctx.imageSmoothingEnabled = false;
+      ctx.globalAlpha = app.state.opacity;
+    }
+    ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+    ctx.globalAlpha = 1;
+    if (app.state.pinned >= 0 && app.layout.posImg[app.state.pinned] === im.index) {
+      const k = app.layout.posCell[app.state.pinned] - im.cellBase;
+      const sx = canvas.width / im.cols, sy = canvas.height / im.rows;
+      ctx.lineWidth = Math.max(2, sx / 8);
+      ctx.strokeStyle = '#000';
+      ctx.strokeRect((k % im.cols) * sx + 1, Math.floor(k / im.cols) * sy + 1, sx - 2, sy - 2);
+      ctx.strokeStyle = '#fff';
+      ctx.lineWidth = 1;
+      ctx.strokeRect((k % im.cols) * sx + 2.5, Math.floor(k / im.cols) * sy + 2.5, sx - 5, sy - 5);
+    }
+  }
+
+  function drawChips(v, sc, lut) {
+    for (let i = 0; i < v.chips.length; i++) {
+      const c = v.chips[i];
+      const x = v.textVals[i];
+      const present = c.q < v.seqLen;
+      if (present !== c.shown) { c.node.hidden = !present; c.shown = present; }
+      if (!present) continue;
+      if (Number.isFinite(x)) {
+        const li = lutIndex(x, sc);
+        if (li !== c.bg) {
+          c.node.style.backgroundColor = lut.css[li];
+          c.node.style.color = lut.ink[li];
+          c.bg = li;
+        }
+        if (c.nodata) { c.node.classList.remove('nodata'); c.nodata = false; }
+      } else {
+        if (c.bg !== -2) { c.node.style.backgroundColor = ''; c.node.style.color = ''; c.bg = -2; }
+        if (!c.nodata) { c.node.classList.add('nodata'); c.nodata = true; }
+      }
+      const txt = fmt(x);
+      if (c.val.textContent !== txt) c.val.textContent = txt;
+      const pin = c.q === app.state.pinned;
+      if (pin !== c.pin) { c.node.classList.toggle('pinned', pin); c.pin = pin; }
+    }
+  }
+
+  function excludedCells() {
+    if (!app.state.excludeFirst || !app.layout.images.length) return null;
+    return new Set(app.layout.images.map((im) => im.cellBase));
+  }
+
+  function currentMetricInfo() { return METRICS[app.state.metric]; }
+
+  function viewParams(which) {
+    if (which === 'a') return { s: app.state.step, l: app.state.layer };
+    if (app.state.compare === 'layer') return { s: app.state.step, l: app.state.compareWith };
+    return { s: app.state.compareWith, l: app.state.layer };
+  }
+
+  function viewTitle(which) {
+    const { s, l } = viewParams(which);
+    return `Layer ${app.ds.layers[l]} · step ${app.ds.steps[s]}`;
+  }
+
+  function statsLine(kind, sc, v) {
+    if (kind === 'image') {
+      const grids = app.layout.images.map((im) => `${im.rows}×${im.cols}`).join(' + ');
+      let arg = -1, best = -Infinity;
+      for (let i = 0; i < v.imageVals.length; i++) { const x = v.imageVals[i]; if (x > best) { best = x; arg = i; } }
+      let where = '';
+      if (arg >= 0) {
+        const im = app.layout.images.find((m) => arg >= m.cellBase && arg < m.cellBase + m.rows * m.cols);
+        const k = arg - im.cellBase;
+        where = ` at image ${im.index} r${Math.floor(k / im.cols)} c${k % im.cols}`;
+      }
+      return `image: max ${fmt(best === -Infinity ? NaN : best)}${where} · mean ${fmt(sc.mean)} · count ${sc.count} · grid ${grids}` +
+        (app.state.excludeFirst ? ' · scale excludes first image token' : '') + ` · scale max ${fmt(sc.max)}`;
+    }
+    let arg = -1, best = -Infinity;
+    for (let i = 0; i < v.textVals.length; i++) { const x = v.textVals[i]; if (x > best) { best = x; arg = i; } }
+    const top = arg >= 0 ? ` at ${JSON.stringify(app.ds.prompts[app.state.prompt].texts[app.layout.textPositions[arg]])} (pos ${app.layout.textPositions[arg]})` : '';
+    return `text: max ${fmt(best === -Infinity ? NaN : best)}${top} · mean ${fmt(sc.mean)} · count ${sc.count}`;
+  }
+
+
+  function drawColourbar(canvas, labels, sc, lut) {
+    const ctx = canvas.getContext('2d');
+    const img = ctx.createImageData(256, 1);
+    for (let i = 0; i < 256; i++) {
+      img.data[i * 4] = lut.rgb[i * 3]; img.data[i * 4 + 1] = lut.rgb[i * 3 + 1]; img.data[i * 4 + 2] = lut.rgb[i * 3 + 2]; img.data[i * 4 + 3] = 255;
+    }
+    for (let y = 0; y < canvas.height; y++) ctx.putImageData(img, 0, y);
+    const ticks = [0, 0.25, 0.5, 0.75, 1];
+    const text = ticks.map((t) => colourbarLabel(t, sc));
+    if (labels.childElementCount !== ticks.length) labels.replaceChildren(...ticks.map(() => el('span')));
+    text.forEach((s, i) => { labels.children[i].textContent = s; });
+  }
+
+  /** Value at colourbar position t in [0, 1] under a scale (inverse of lutIndex). */
+  function colourbarLabel(t, sc) {
+    if (sc.scaling === 'percentile') {
+      const a = sc.sorted;
+      if (!a || !a.length) return '—';
+      return `p${Math.round(t * 100)} ${fmt(a[Math.min(a.length - 1, Math.round(t * (a.length - 1)))])}`;
+    }
+    if (sc.signed) {
+      let u = 2 * t - 1;
+      if (sc.scaling === 'sqrt') u = Math.sign(u) * u * u;
+      return fmt(u * sc.max);
+    }
+    return fmt((sc.scaling === 'sqrt' ? t * t : t) * sc.max);
+  }
+
+  function cellAt(e, b) {
+    const rect = b.canvas.getBoundingClientRect();
+    const c = Math.floor(((e.clientX - rect.left) / rect.width) * b.im.cols);
+    const r = Math.floor(((e.clientY - rect.top) / rect.height) * b.im.rows);
+    if (c < 0 || r < 0 || c >= b.im.cols || r >= b.im.rows) return -1;
+    const k = r * b.im.cols + c;
+    if (k >= b.im.count) return -1;
+    return b.im.start + k;
+  }
+
+  function showTip(e, text) {
+    const tip = $('tooltip');
+    tip.textContent = text;
+    tip.hidden = false;
+    moveTip(e);
+  }
+  function moveTip(e) {
+    const tip = $('tooltip');
+    tip.style.left = Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 4) + 'px';
+    tip.style.top = e.clientY + 14 + 'px';
+  }
+  function hideTip() { $('tooltip').hidden = true; }
+
+  function hoverCell(e, v, b) {
+    const q = cellAt(e, b);
+    if (q < 0) { hideTip(); return; }
+    const k = q - b.im.start;
+    const x = v.imageVals[b.im.cellBase + k];
+    showTip(e, `${visibleText(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\nimage ${b.im.index} · row ${Math.floor(k / b.im.cols)} col ${k % b.im.cols}\n${currentMetricInfo().label}: ${fmt(x)}`);
+  }
+
+  function hoverChip(e, v, q) {
+    const i = app.layout.posCell[q];
+    showTip(e, `${JSON.stringify(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\n${currentMetricInfo().label}: ${fmt(v.textVals[i])}`);
+  }
+
+  // --------------------------------------------------------- heads panel
+
+  function drawHeads(col) {
+    const panel = $('heads-panel');
+    panel.hidden = false;
+    const heads = [];
+    app.ds.variants.forEach((name, i) => { if (/^Head_\d+$/.test(name)) heads.push(i); });
+    const grid = $('heads-grid');
+    if (!heads.length) {
+      $('heads-title').textContent = 'This file has no per-head variants.';
+      grid.replaceChildren();
+      return;
+    }
+    const s = app.state.step, l = app.state.layer;
+    const tmp = { imageVals: new Float32Array(app.layout.totalCells), textVals: new Float32Array(app.layout.textPositions.length) };
+    const vals = heads.map((vi) => { gather(tmp, s, l, vi, col); return { img: tmp.imageVals.slice(), txt: tmp.textVals.slice() }; });
+    const signed = currentMetricInfo().signed;
+    const scI = makeScale(vals.map((x) => x.img), excludedCells(), signed, app.state.scaling === 'percentile' ? 'linear' : app.state.scaling);
+    const scT = makeScale(vals.map((x) => x.txt), null, signed, app.state.scaling === 'percentile' ? 'linear' : app.state.scaling);
+    $('heads-title').textContent = `All ${heads.length} heads at layer ${app.ds.layers[l]}, step ${app.ds.steps[s]} (${currentMetricInfo().label}; shared scales: image max ${fmt(scI.max)}, text max ${fmt(scT.max)}; click a head to select it)`;
+    const lutI = signed ? LUT_DIV : LUT_IMAGE, lutT = signed ? LUT_DIV : LUT_TEXT;
+    const nT = app.layout.textPositions.length;
+    const wImg = app.layout.images.reduce((a, im) => a + im.cols, 0) + Math.max(0, app.layout.images.length - 1);
+    const hImg = app.layout.images.reduce((a, im) => Math.max(a, im.rows), 0);
+    const W = Math.max(wImg, Math.min(nT, 48), 8);
+    const textRows = Math.ceil(nT / W);
+    const H = hImg + (hImg ? 1 : 0) + textRows;
+    const scale = Math.max(2, Math.min(6, Math.floor(128 / W)));
+    if (grid.childElementCount !== heads.length) {
+      grid.replaceChildren(...heads.map((vi) => {
+        const c = el('canvas');
+        const tile = el('div', { className: 'head-tile', 'data-variant': String(vi) }, c, el('span', { text: app.ds.variants[vi] }));
+        tile.addEventListener('click', () => { app.state.variant = vi; mv.controls.clampState(); mv.app.render(); });
+        return tile;
+      }));
+    }
+    heads.forEach((vi, h) => {
+      const tile = grid.children[h];
+      tile.classList.toggle('current', vi === app.state.variant);
+      const c = tile.firstChild;
+      if (c.width !== W || c.height !== H) { c.width = W; c.height = H; c.style.width = W * scale + 'px'; c.style.height = H * scale + 'px'; }
+      const ctx = c.getContext('2d');
+      const img = ctx.createImageData(W, H);
+      const d = img.data;
+      const put = (x, y, li, lut) => { const o = (y * W + x) * 4; d[o] = lut.rgb[li * 3]; d[o + 1] = lut.rgb[li * 3 + 1]; d[o + 2] = lut.rgb[li * 3 + 2]; d[o + 3] = 255; };
+      let x0 = 0;
+      for (const im of app.layout.images) {
+        for (let k = 0; k < im.rows * im.cols; k++) {
+          const x = vals[h].img[im.cellBase + k];
+          if (Number.isFinite(x)) put(x0 + (k % im.cols), Math.floor(k / im.cols), lutIndex(x, scI), lutI);
+        }
+        x0 += im.cols + 1;
+      }
+      const y0 = hImg ? hImg + 1 : 0;
+      for (let i = 0; i < nT; i++) {
+        const x = vals[h].txt[i];
+        if (Number.isFinite(x)) put(i % W, y0 + Math.floor(i / W), lutIndex(x, scT), lutT);
+      }
+      ctx.putImageData(img, 0, 0);
+    });
+  }
+
+  // ------------------------------------------------------------ export PNG
+
+  function exportName() {
+    const base = (app.ds.fileName || 'maskvl').replace(/\.parquet$/i, '').replace(/[^\w.-]+/g, '_');
+    return `${base}_L${app.ds.layers[app.state.layer]}_S${app.ds.steps[app.state.step]}_${app.ds.variants[app.state.variant]}_${METRICS[app.state.metric].short}.png`;
+  }
+
+  /** Render the current view (grids, colourbars, text tokens) into a PNG data URL. */
+  function exportPNG() {
+    const pad = 16;
+    const active = [app.views.a].concat(app.views.b ? [app.views.b] : []);
+    const dpr = window.devicePixelRatio || 1;
+    const W = Math.max(720, ...active.map((v) => v.blocks.reduce((a, b) => a + b.canvas.width / dpr + pad, pad)));
+    const chipFont = '12px monospace';
+    const meas = document.createElement('canvas').getContext('2d');
+    meas.font = chipFont;
+    // lay out chips in rows to know the height
+    const chipRows = (v) => {
+      let x = pad, y = 0;
+      const out = [];
+      v.chips.forEach((c, i) => {
+        if (!c.shown) return;
+        const label = visibleText(app.ds.prompts[app.state.prompt].texts[c.q]);
+        const w = Math.max(meas.measureText(label).width, meas.measureText(fmt(v.textVals[i])).width) + 8;
+        if (x + w > W - pad) { x = pad; y += 34; }
+        out.push({ x, y, w, label, i });
+        x += w + 3;
+      });
+      return { items: out, height: out.length ? y + 34 : 0 };
+    };
+    const layouts = active.map(chipRows);
+    let H = pad + 60;
+    active.forEach((v, i) => {
+      const gh = v.blocks.reduce((a, b) => Math.max(a, b.canvas.height / dpr), 0);
+      H += (v.blocks.length ? gh + 24 : 0) + layouts[i].height + 30;
+    });
+    H += 60;
+    const c = document.createElement('canvas');
+    c.width = W; c.height = H;
+    const ctx = c.getContext('2d');
+    ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, W, H);
+    ctx.fillStyle = '#111'; ctx.font = '12px monospace'; ctx.textBaseline = 'top';
+    mv.app.statusText().split('\n').forEach((line, i) => ctx.fillText(line.length > 140 ? line.slice(0, 140) + '…' : line, pad, pad + i * 16));
+    let y = pad + 60;
+    active.forEach((v, vi) => {
+      if (active.length > 1) { ctx.fillStyle = '#111'; ctx.font = 'bold 12px sans-serif'; ctx.fillText(viewTitle(v.which), pad, y - 14); }
+      let x = pad, gh = 0;
+      for (const b of v.blocks) {
+        const w = b.canvas.width / dpr, h = b.canvas.height / dpr;
+        ctx.drawImage(b.canvas, x, y, w, h);
+        ctx.strokeStyle = '#999'; ctx.strokeRect(x - 0.5, y - 0.5, w + 1, h + 1);
+        x += w + pad; gh = Math.max(gh, h);
+      }
+      if (v.blocks.length) y += gh + 24;
+      ctx.font = chipFont;
+      for (const it of layouts[vi].items) {
+        const ch = v.chips[it.i];
+        ctx.fillStyle = ch.node.style.backgroundColor || '#eee';
+        ctx.fillRect(it.x, y + it.y, it.w, 30);
+        ctx.strokeStyle = '#bbb'; ctx.strokeRect(it.x + 0.5, y + it.y + 0.5, it.w - 1, 29);
+        ctx.fillStyle = ch.node.style.color || '#111';
+        ctx.fillText(it.label, it.x + 4, y + it.y + 2);
+        ctx.fillText(fmt(v.textVals[it.i]), it.x + 4, y + it.y + 16);
+      }
+      y += layouts[vi].height + 30;
+    });
+    // colourbars with their labels
+    let x = pad;
+    for (const id of ['image', 'text']) {
+      const bar = $('cbar-' + id);
+      if (bar.parentElement.hidden) continue;
+      ctx.fillStyle = '#333'; ctx.font = '11px sans-serif';
+      ctx.fillText(id === 'image' ? 'Image scale' : 'Text scale', x, y);
+      ctx.drawImage(bar, x, y + 14, 256, 14);
+      ctx.strokeStyle = '#999'; ctx.strokeRect(x - 0.5, y + 13.5, 257, 15);
+      const labels = [...$('cbar-' + id + '-labels').children].map((n) => n.textContent);
+      labels.forEach((s, i) => { ctx.textAlign = i === 0 ? 'left' : i === labels.length - 1 ? 'right' : 'center'; ctx.fillText(s, x + (i / (labels.length - 1)) * 256, y + 32); });
+      ctx.textAlign = 'left';
+      x += 256 + 48;
+    }
+    return c.toDataURL('image/png');
+  }
+
+  mv.grid = {
+    rebuildViews, keyOf, gather, makeScale, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
+    viewParams, viewTitle, statsLine, drawColourbar, hideTip, moveTip, drawHeads, exportName, exportPNG,
+  };
+})(window.maskvl = window.maskvl || {});
