@@ -34,7 +34,7 @@ SMALL_PROTOTYPE = PROTOTYPE_DIR / "image_question_hair.parquet"
 XSS_IMG = "<img src=x onerror=alert(1)>"
 XSS_SCRIPT = "<script>alert(1)</script>"
 
-# LUT end colours from viewer.js (image map: white -> ... -> dark red).
+# LUT end colours from viewer/util.js (image map: white -> ... -> dark red).
 IMAGE_TOP = (110, 0, 20)
 
 
@@ -259,6 +259,54 @@ def test_two_non_square_images(viewer, two_images):
     assert max(abs(a - b) for a, b in zip(rgb, IMAGE_TOP)) <= 2, rgb
     status = v.status()
     assert 'generates " Two"' in status and "What is in these images?" in status
+
+
+# ----------------------------------------------------------- variant order
+
+@needs_chromium
+def test_variant_order_follows_metadata_else_python(viewer, tmp_path):
+    from maskvl.measures import variant_sort_key
+
+    def shown(v: Viewer) -> list[str]:
+        opts = v.page.eval_on_selector_all("#variant-select option", "ns => ns.map(n => n.textContent)")
+        assert opts == v.page.evaluate("window.maskvlViewer.dataset.variants")
+        return opts
+
+    v = viewer().goto()
+    # No metadata (prototype format): Python's natural order. The rows' dictionary
+    # order is scrambled, and unknown names sit on both sides of Logits.
+    scrambled = ["Zeta", "Head_10", "Logits", "MLP", "Attn", "Head_2", "Full", "Head_0", "alpha", "Éclair", "Resid"]
+    p = tmp_path / "proto_variants.parquet"
+    make_prototype_file(p, ["<|im_start|>", "user", " Hi", "<|vision_start|>"] + ["<|image_pad|>"] * 4
+                        + ["<|vision_end|>"], variants=scrambled)
+    v.open(p)
+    want = sorted(scrambled, key=variant_sort_key)
+    assert want[:6] == ["Full", "Attn", "Head_0", "Head_2", "Head_10", "Logits"]  # unknown names after Logits
+    assert shown(v) == want
+    # maskvl metadata: its `variants` list gives the order, even where it is not the natural
+    # one; the rows' dictionary is in yet another order.
+    listed = ["Full", "Attn", "Head_0", "Head_1", "Logits", "Resid", "MLP"]
+    f = make_maskvl_file(tmp_path / "meta_variants.parquet", grids=((2, 3),), num_layers=2, num_steps=1,
+                         variants=sorted(listed), meta_update={"variants": listed})
+    v.open(f.path)
+    assert shown(v) == listed
+    # keys cycle in that order, and a variant's values are its own rows
+    names = []
+    for _ in listed:
+        names.append(v.page.evaluate("window.maskvlViewer.dataset.variants[window.maskvlViewer.state.variant]"))
+        _press_all(v, ["v"])
+    assert names == listed
+    v.page.evaluate("""() => { const st = window.maskvlViewer.state;
+        st.variant = window.maskvlViewer.dataset.variants.indexOf('Resid'); window.maskvlViewer.render(); }""")
+    got = v.values()
+    im = got["images"][0]
+    np.testing.assert_allclose(np.array(got["image"][:im["count"]], dtype=float),
+                               f.values(0, 0, "Resid", "l2_distance")[im["start"]:im["start"] + im["count"]], rtol=1e-6)
+    # a variant in the rows that the metadata does not list comes after the listed ones
+    f2 = make_maskvl_file(tmp_path / "unlisted.parquet", grids=((2, 2),), num_layers=1, num_steps=1,
+                          variants=["Head_1", "Extra", "Full", "Head_0"], meta_update={"variants": ["Full", "Head_1"]})
+    v.open(f2.path)
+    assert shown(v) == ["Full", "Head_1", "Head_0", "Extra"]
 
 
 # ------------------------------------------------------------------- keys

@@ -72,12 +72,15 @@ def make_maskvl_file(
     keep_tables: bool = True,
     seed: int = 0,
     meta_update: dict | None = None,
+    variants: list[str] | None = None,
 ) -> SynthFile:
     """Write a maskvl-format file (FORMAT.md) with plausible synthetic values.
 
     Images are `<|vision_start|>`, grid pads, `<|vision_end|>` blocks; values have
     an attention sink at position 0, a hot first image token, and a spatial blob
-    per image that moves with the layer, so grids are not uniform.
+    per image that moves with the layer, so grids are not uniform. `variants`
+    replaces the natural list (Full, Attn, Head_0.., Logits) in the rows and the
+    metadata, in the given order (the rows' dictionary keeps that order too).
     """
     rng = np.random.default_rng(seed)
     question = list(QUESTION if question is None else question) + [f" t{i}" for i in range(extra_text)]
@@ -111,7 +114,7 @@ def make_maskvl_file(
     for s in range(num_steps - 1):
         add(GENERATED[s])  # tokens cover the last step's sequence
 
-    variants = natural_variants(num_heads, logits)
+    variants = list(variants) if variants is not None else natural_variants(num_heads, logits)
     meta = {
         "format_version": 1, "maskvl_version": "0.1.0", "model": "builtin:tiny-qwen3-vl",
         "dtype": "float32", "device": "cpu", "backend": "reference", "prompt": prompt,
@@ -147,10 +150,14 @@ def make_maskvl_file(
             pat[im["token_start"]] = 6.0  # hot first image token (excluded from the scale max by default)
         pat[0] = 8.0  # attention sink
         pattern[layer] = pat * (1.0 + 0.15 * layer)
-    var_scale = np.array([1.0, 0.6] + [0.05 + 0.02 * h for h in range(num_heads)] + ([1.5] if logits else []),
-                         dtype=np.float32)
+    def scale_of(name: str) -> float:
+        if name.startswith("Head_") and name[5:].isdigit():
+            return 0.05 + 0.02 * int(name[5:])
+        return {"Full": 1.0, "Attn": 0.6, "Logits": 1.5}.get(name, 0.8)
+
+    var_scale = np.array([scale_of(v) for v in variants], dtype=np.float32)
     v_count = len(variants)
-    logits_id = v_count - 1 if logits else -1
+    logits_id = variants.index("Logits") if "Logits" in variants else -1
 
     vocab_arr = pa.array(vocab, pa.string())
     var_arr = pa.array(variants, pa.string())

@@ -11,7 +11,7 @@
 (function (mv) {
   'use strict';
 
-  const { UserError, isImageName, IMAGE_SPECIAL_RE, factorPair, compareVariants } = mv.util;
+  const { UserError, isImageName, IMAGE_SPECIAL_RE, factorPair, variantOrder } = mv.util;
 
   function checkMagic(buf) {
     if (buf.byteLength < 12) throw new UserError('This file is too small to be a Parquet file.');
@@ -172,7 +172,8 @@
     const stepS = sortedRemap(step, num);
     const layerS = sortedRemap(layer, num);
     for (const v of variant.values) if (typeof v !== 'string') throw new UserError('Column variant must hold strings.');
-    const varS = sortedRemap(variant, compareVariants);
+    const varOrder = variantOrder(variant.values, meta ? meta.variants : null);
+    const varS = sortedRemap(variant, (a, b) => varOrder.indexOf(a) - varOrder.indexOf(b));
     const promptS = prompt ? { values: prompt.values.map(String), rank: prompt.values.map((v, i) => i) } : { values: [meta && typeof meta.prompt === 'string' ? 'prompt' : 'prompt'], rank: [0] };
     const S = stepS.values.length, L = layerS.values.length, V = varS.values.length, P = promptS.values.length;
     const K = P * S * L * V;

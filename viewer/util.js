@@ -68,18 +68,47 @@
     return [Math.max(r, 1), Math.ceil(n / Math.max(r, 1))];
   }
 
-  /** Natural variant order: Full, Attn, Head_0..Head_N (numeric), others, Logits. */
+  /**
+   * Natural variant order, the same as Python's maskvl.measures.variant_sort_key:
+   * Full, Attn, Head_0, Head_1, ..., Head_10, ... (numeric), Logits, then any
+   * other name in code-point order. Used for files whose metadata does not
+   * list the variants (the prototype's files).
+   */
   function variantRank(name) {
-    if (name === 'Full') return [0, 0, name];
-    if (name === 'Attn') return [1, 0, name];
-    const m = /^Head_(\d+)$/.exec(name);
-    if (m) return [2, Number(m[1]), name];
-    if (name === 'Logits') return [4, 0, name];
-    return [3, 0, name];
+    if (name === 'Full') return [0, 0, ''];
+    if (name === 'Attn') return [1, 0, ''];
+    const m = /^Head_([0-9]+)$/.exec(name);
+    if (m) return [2, Number(m[1]), ''];
+    if (name === 'Logits') return [3, 0, ''];
+    return [4, 0, name];
+  }
+  /** Compare two strings by code points, as Python compares str. */
+  function compareCodePoints(a, b) {
+    const x = [...a], y = [...b];
+    for (let i = 0; i < Math.min(x.length, y.length); i++) {
+      const d = x[i].codePointAt(0) - y[i].codePointAt(0);
+      if (d) return d;
+    }
+    return x.length - y.length;
   }
   function compareVariants(a, b) {
     const x = variantRank(a), y = variantRank(b);
-    return x[0] - y[0] || x[1] - y[1] || (x[2] < y[2] ? -1 : x[2] > y[2] ? 1 : 0);
+    return x[0] - y[0] || x[1] - y[1] || compareCodePoints(x[2], y[2]);
+  }
+
+  /**
+   * The order to show a file's variants in: the order of the metadata's
+   * `variants` list (the writer's order) when there is one, with any variant
+   * it does not list after those in natural order; else the natural order.
+   */
+  function variantOrder(names, listed) {
+    const at = new Map();
+    if (Array.isArray(listed)) listed.forEach((v, i) => { if (typeof v === 'string' && !at.has(v)) at.set(v, i); });
+    return names.slice().sort((a, b) => {
+      const i = at.has(a) ? at.get(a) : Infinity, j = at.has(b) ? at.get(b) : Infinity;
+      if (i !== j) return i < j ? -1 : 1;
+      return compareVariants(a, b);
+    });
   }
 
   const METRICS = {
@@ -134,7 +163,7 @@
   };
 
   mv.util = {
-    UserError, $, el, fmt, visibleText, isImageName, IMAGE_SPECIAL_RE, factorPair, compareVariants,
+    UserError, $, el, fmt, visibleText, isImageName, IMAGE_SPECIAL_RE, factorPair, compareVariants, variantOrder,
     METRICS, LUT_IMAGE, LUT_TEXT, LUT_DIV, debounce,
   };
 })(window.maskvl = window.maskvl || {});
