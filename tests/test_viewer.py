@@ -309,6 +309,111 @@ def test_variant_order_follows_metadata_else_python(viewer, tmp_path):
     assert shown(v) == ["Full", "Head_1", "Head_0", "Extra"]
 
 
+# ------------------------------------------------- status, legend, scale
+
+def _set_view(v: Viewer, **kw):
+    """Set state fields (variant by name) and render."""
+    v.page.evaluate("""(kw) => { const mv = window.maskvlViewer, st = mv.state;
+        for (const [k, x] of Object.entries(kw)) st[k] = k === 'variant' ? mv.dataset.variants.indexOf(x) : x;
+        mv.render(); }""", kw)
+
+
+@needs_chromium
+def test_status_line_names_the_prompt_once(viewer, two_images, tmp_path):
+    v = viewer().goto()
+    v.open(two_images.path)
+    lines = v.status().split("\n")
+    assert lines[2] == 'prompt: "What is in these images?"', lines
+    assert "prompt prompt" not in v.status()
+    # files of several named prompts (the prototype's format) keep the name
+    p = tmp_path / "named.parquet"
+    make_prototype_file(p, ["<|im_start|>", " Hi"] + ["<|image_pad|>"] * 4, prompt_name="cats", config_prompt="Count.")
+    v.open(p)
+    v.page.wait_for_function("document.getElementById('status').textContent.includes('Count.')")
+    assert v.status().split("\n")[2] == 'prompt cats: "Count."'
+
+
+@needs_chromium
+def test_pin_legend_has_swatches_not_hex_codes(viewer, tmp_path):
+    f = make_maskvl_file(tmp_path / "three_steps.parquet", grids=((3, 4),), num_layers=5, num_heads=2, num_steps=3)
+    v = viewer().goto()
+    v.open(f.path)
+    v.page.click("#view-a .chip >> nth=2")
+    assert v.page.is_visible("#pin-legend")
+    legend = v.page.text_content("#pin-legend")
+    assert not re.search(r"#[0-9a-fA-F]{3,8}\b", legend), legend
+    items = v.page.eval_on_selector_all("#pin-legend .legend-item", """ns => ns.map(n => ({
+        text: n.textContent, swatch: getComputedStyle(n.querySelector('.swatch')).backgroundColor,
+        w: n.querySelector('.swatch').getBoundingClientRect().width, current: n.classList.contains('current') }))""")
+    assert [it["text"] for it in items] == ["step 0", "step 1", "step 2"]
+    assert all(it["w"] > 8 for it in items)  # a visible swatch
+    assert [it["current"] for it in items] == [True, False, False]
+    # each swatch has its line's colour, and the chart draws that colour
+    chart = set(v.page.evaluate("""() => { const c = document.getElementById('pin-chart'); const d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; const s = new Set(); for (let i = 0; i < d.length; i += 4)
+        s.add(`rgb(${d[i]}, ${d[i+1]}, ${d[i+2]})`); return [...s]; }"""))
+    swatches = [it["swatch"] for it in items]
+    assert len(set(swatches)) == 3 and set(swatches) <= chart, (swatches, len(chart))
+    _press_all(v, ["ArrowDown"])
+    assert v.page.eval_on_selector_all("#pin-legend .legend-item.current", "ns => ns.map(n => n.textContent)") == ["step 1"]
+
+
+@needs_chromium
+def test_nonpositive_layer_says_so_and_keeps_a_scale(viewer, tmp_path):
+    f = make_maskvl_file(tmp_path / "bf16_like.parquet", grids=((6, 8),), num_layers=3, num_heads=2, num_steps=1,
+                         nonpositive_layer=1)
+    v = viewer().goto()
+    v.open(f.path)
+    assert not v.page.is_visible("#scale-note")
+    _set_view(v, metric="cosine_distance", layer=1, variant="Full")
+    note = v.page.text_content("#scale-note")
+    assert v.page.is_visible("#scale-note")
+    assert "Every image value here is ≤ 0" in note and "-0.00781" in note, note
+    assert "Every text value here is ≤ 0" in note
+    labels = v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns.map(n => n.textContent)")
+    assert labels[0] == "-0.00781" and labels[-1] == "0" and len(set(labels)) == 5, labels
+    # the grid is drawn on that scale: 0 has the top colour, -2**-7 the bottom (white)
+    want = f.values(0, 1, "Full", "cosine_distance")
+    im = f.meta["images"][0]
+    cells = want[im["token_start"]:im["token_end"]]
+    k = next(k for k in range(1, len(cells)) if cells[k] == 0)
+    rgb = v.pixel("#view-a canvas[data-image='0']", (k % 8 + 0.5) / 8, (k // 8 + 0.5) / 6)
+    assert max(abs(a - b) for a, b in zip(rgb, IMAGE_TOP)) <= 2, (k, rgb)
+    k = next(k for k in range(1, len(cells)) if cells[k] < 0)
+    assert v.pixel("#view-a canvas[data-image='0']", (k % 8 + 0.5) / 8, (k // 8 + 0.5) / 6) == (255, 255, 255)
+    # every value exactly 0: said so, and a 0..1 scale rather than 0..0
+    _set_view(v, variant="Attn")
+    note = v.page.text_content("#scale-note")
+    assert "Every image value here is 0" in note, note
+    labels = v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns.map(n => n.textContent)")
+    assert labels[0] == "0" and labels[-1] == "1.00", labels
+    # a layer with positive values: no note, 0..max as before
+    _set_view(v, variant="Full", layer=2)
+    assert not v.page.is_visible("#scale-note")
+    assert v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns[0].textContent") == "0"
+
+
+@needs_chromium
+def test_prototype_bf16_layer_note(viewer):
+    if not SMALL_PROTOTYPE.exists():
+        pytest.skip(f"prototype file {SMALL_PROTOTYPE} not present")
+    v = viewer().goto()
+    v.open(SMALL_PROTOTYPE)
+    # cosine distance of Head_0 at layer 0, step 0: -0.0078 on every image token, 0 on every
+    # text token (bf16 rounding)
+    _set_view(v, metric="cosine_distance", layer=0, step=0, variant="Head_0")
+    note = v.page.text_content("#scale-note")
+    assert v.page.is_visible("#scale-note"), note
+    assert "Every image value here is -0.00780" in note and "rounding error" in note, note
+    assert "Every text value here is 0" in note, note
+    labels = v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns.map(n => n.textContent)")
+    assert labels[0] == "-0.00780" and labels[-1] == "0", labels
+    # the Full variant at layer 4 mixes 0 and -0.0078 over the image: a min..max scale
+    _set_view(v, variant="Full", layer=4)
+    note = v.page.text_content("#scale-note")
+    assert "Every image value here is ≤ 0 (from -0.00780 to 0)" in note, note
+
+
 # ------------------------------------------------------------------- keys
 
 @needs_chromium

@@ -73,6 +73,7 @@ def make_maskvl_file(
     seed: int = 0,
     meta_update: dict | None = None,
     variants: list[str] | None = None,
+    nonpositive_layer: int | None = None,
 ) -> SynthFile:
     """Write a maskvl-format file (FORMAT.md) with plausible synthetic values.
 
@@ -81,6 +82,9 @@ def make_maskvl_file(
     per image that moves with the layer, so grids are not uniform. `variants`
     replaces the natural list (Full, Attn, Head_0.., Logits) in the rows and the
     metadata, in the given order (the rows' dictionary keeps that order too).
+    At `nonpositive_layer` every cosine distance is <= 0, as in files computed
+    in bfloat16: 0 or -2**-7 (one bf16 step below 1 - cos = 0), and exactly 0
+    for every `Attn` row.
     """
     rng = np.random.default_rng(seed)
     question = list(QUESTION if question is None else question) + [f" t{i}" for i in range(extra_text)]
@@ -182,6 +186,10 @@ def make_maskvl_file(
             noise = rng.random(n, dtype=np.float32)
             l2 = pattern[lay, pos] * var_scale[var] * (0.85 + 0.3 * noise) * (1.0 + 0.1 * s)
             cos = np.clip(l2 / (l2.max() + 1e-6) * 0.4 + 0.01 * noise, 0, 2).astype(np.float32)
+            if nonpositive_layer is not None:
+                at = lay == nonpositive_layer
+                cos[at] = np.where(noise[at] < 0.5, np.float32(-2.0 ** -7), np.float32(0.0))
+                cos[at & (var == variants.index("Attn"))] = 0.0
             is_logit = var == logits_id
             text_mask = kind[pos] == 0
             kl = (l2 * 0.05).astype(np.float32)

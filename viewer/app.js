@@ -37,12 +37,16 @@
       // per-view stats use that view's own values
       const own = mv.grid.makeScale([v.imageVals], mv.grid.excludedCells(), signed, 'linear');
       const ownT = mv.grid.makeScale([v.textVals], null, signed, 'linear');
-      if (app.layout.images.length) v.imageStats.textContent = mv.grid.statsLine('image', { ...own, max: scImg.max }, v);
+      if (app.layout.images.length) v.imageStats.textContent = mv.grid.statsLine('image', { ...own, lo: scImg.lo, max: scImg.max }, v);
       v.textStats.textContent = mv.grid.statsLine('text', ownT, v);
     }
     mv.grid.drawColourbar($('cbar-image'), $('cbar-image-labels'), scImg, lutI);
     mv.grid.drawColourbar($('cbar-text'), $('cbar-text-labels'), scTxt, lutT);
     $('cbar-image').parentElement.hidden = !app.layout.images.length;
+    const notes = [app.layout.images.length ? mv.grid.scaleNote('image', scImg) : '', mv.grid.scaleNote('text', scTxt)];
+    const note = notes.filter(Boolean).join('\n');
+    if ($('scale-note').textContent !== note) $('scale-note').textContent = note;
+    $('scale-note').hidden = !note;
     updateStatus(rowsA);
     mv.controls.syncControls();
     if (app.state.pinned >= 0) mv.chart.drawPinChart(col); else $('pin-panel').hidden = true;
@@ -59,7 +63,9 @@
       `Layer ${app.ds.layers[app.state.layer]} (${app.state.layer + 1} of ${app.ds.L}) · step ${app.ds.steps[app.state.step]} (${app.state.step + 1} of ${app.ds.S})` +
         (gen !== null && gen !== undefined ? ` → generates ${JSON.stringify(gen)}` : ''),
       `metric ${mv.grid.currentMetricInfo().label} · variant ${app.ds.variants[app.state.variant]} (${app.state.variant + 1} of ${app.ds.V}) · scaling ${app.state.scaling}`,
-      `prompt ${pr.name}: ${pr.text !== null ? JSON.stringify(pr.text.length > 300 ? pr.text.slice(0, 300) + '…' : pr.text) : '(text not stored)'}`,
+      // files of several prompts (the prototype's) name each one; a maskvl file has one prompt
+      `${pr.name !== null ? `prompt ${pr.name}` : 'prompt'}: ` +
+        (pr.text !== null ? JSON.stringify(pr.text.length > 300 ? pr.text.slice(0, 300) + '…' : pr.text) : '(text not stored)'),
     ];
     return lines.join('\n');
   }

@@ -1,6 +1,7 @@
 /*
  * maskvl viewer, chart: the pinned token's value across layers, one line per
- * generation step; a click on the chart jumps to that layer.
+ * generation step (legend: a coloured swatch per step); a click on the chart
+ * jumps to that layer.
  */
 (function (mv) {
   'use strict';
@@ -74,13 +75,27 @@
       }
       ctx.stroke();
     });
-    $('pin-legend').textContent = series.map((_, s) => `step ${app.ds.steps[s]}: ${STEP_COLOURS[s % STEP_COLOURS.length]}`).join(' · ') + ' · click the chart to jump to a layer';
+    drawLegend(series.length);
     cv.onclick = (e) => {
       const rect = cv.getBoundingClientRect();
       const x = ((e.clientX - rect.left) / rect.width) * W;
       app.state.layer = Math.max(0, Math.min(app.ds.L - 1, Math.round(((x - m.l) / (W - m.l - m.r)) * (app.ds.L - 1))));
       mv.app.render();
     };
+  }
+
+  /** One coloured swatch and label per step line; the current step's is bold. */
+  function drawLegend(nSteps) {
+    const items = [];
+    for (let s = 0; s < nSteps; s++) {
+      const swatch = el('span', { className: 'swatch', 'aria-hidden': 'true' });
+      swatch.style.backgroundColor = STEP_COLOURS[s % STEP_COLOURS.length];
+      const item = el('span', { className: 'legend-item' + (s === app.state.step ? ' current' : ''), 'data-step': String(s) },
+        swatch, `step ${app.ds.steps[s]}`);
+      items.push(item);
+    }
+    items.push(el('span', { className: 'muted', text: 'click the chart to jump to a layer' }));
+    $('pin-legend').replaceChildren(...items);
   }
 
   mv.chart = { togglePin, drawPinChart };

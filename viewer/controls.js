@@ -23,7 +23,7 @@
 
   function setupControls() {
     $('prompt-wrap').hidden = app.ds.P < 2;
-    fillSelect($('prompt-select'), app.ds.prompts.map((p) => p.name));
+    fillSelect($('prompt-select'), app.ds.prompts.map((p, i) => (p.name !== null ? p.name : `prompt ${i}`)));
     fillSelect($('step-select'), app.ds.steps.map(String));
     fillSelect($('variant-select'), app.ds.variants);
     const r = $('layer-range');

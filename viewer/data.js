@@ -174,7 +174,8 @@
     for (const v of variant.values) if (typeof v !== 'string') throw new UserError('Column variant must hold strings.');
     const varOrder = variantOrder(variant.values, meta ? meta.variants : null);
     const varS = sortedRemap(variant, (a, b) => varOrder.indexOf(a) - varOrder.indexOf(b));
-    const promptS = prompt ? { values: prompt.values.map(String), rank: prompt.values.map((v, i) => i) } : { values: [meta && typeof meta.prompt === 'string' ? 'prompt' : 'prompt'], rank: [0] };
+    // Prompt names come from the prototype's prompt_name column; a maskvl file has one, unnamed, prompt.
+    const promptS = prompt ? { values: prompt.values.map(String), rank: prompt.values.map((v, i) => i) } : { values: [null], rank: [0] };
     const S = stepS.values.length, L = layerS.values.length, V = varS.values.length, P = promptS.values.length;
     const K = P * S * L * V;
 

@@ -104,26 +104,63 @@
     return hi - lo;
   }
 
-  /** Colour scale of one modality over one or more value buffers. */
+  /**
+   * Colour scale of one modality over one or more value buffers. Unsigned
+   * metrics map lo..max to the colour map, with lo = 0 as a rule; when no
+   * value is above 0 (a distance can dip below 0 only by rounding, as in
+   * files computed in bfloat16) a 0..0 scale would draw nothing, so the scale
+   * spans the values' own min..max (c..c+|c|, or 0..1, when every value is
+   * c) and `degenerate` says why: 'nonpositive', or 'constant' when every
+   * value is the same. Signed metrics map -max..max (-1..1 when all are 0).
+   * `excluded` cells count in the mean but not in the range.
+   */
   function makeScale(buffers, excluded, signed, scaling) {
-    let max = 0, sum = 0, count = 0;
+    let max = -Infinity, min = Infinity, sum = 0, count = 0, used = 0;
     for (const buf of buffers) {
       for (let i = 0; i < buf.length; i++) {
         const x = buf[i];
         if (!Number.isFinite(x)) continue;
         sum += x; count++;
         if (excluded && excluded.has(i)) continue;
+        used++;
         const a = signed ? Math.abs(x) : x;
         if (a > max) max = a;
+        if (x < min) min = x;
       }
+    }
+    let lo = 0, hi = max, degenerate = null;
+    if (!used) {
+      hi = 1; // nothing to scale
+    } else if (signed) {
+      if (max === 0) { hi = 1; degenerate = 'constant'; }
+    } else if (max <= 0) {
+      lo = min;
+      degenerate = min === max ? 'constant' : 'nonpositive';
+      if (hi === lo) hi = lo + (Math.abs(lo) || 1);
     }
     let sorted = null;
     if (scaling === 'percentile') {
       const all = [];
-      for (const buf of buffers) for (let i = 0; i < buf.length; i++) if (Number.isFinite(buf[i])) all.push(signed ? buf[i] : buf[i]);
+      for (const buf of buffers) for (let i = 0; i < buf.length; i++) if (Number.isFinite(buf[i])) all.push(buf[i]);
       sorted = Float64Array.from(all).sort();
     }
-    return { max, mean: count ? sum / count : NaN, count, signed, scaling, sorted };
+    return {
+      lo, max: hi, min: used ? min : NaN, valueMax: used ? (signed ? NaN : max) : NaN, degenerate,
+      mean: count ? sum / count : NaN, count, signed, scaling, sorted,
+    };
+  }
+
+  /** What a degenerate scale (see makeScale) means, in one sentence for the page; '' otherwise. */
+  function scaleNote(what, sc) {
+    if (!sc.degenerate) return '';
+    const below = sc.min < 0 ? '; a distance below 0 is rounding error (e.g. a file computed in bfloat16)' : '';
+    const range = sc.scaling === 'percentile' ? '' : ` The colour scale shows ${fmt(sc.lo)} to ${fmt(sc.max)}.`;
+    if (sc.degenerate === 'constant') {
+      return `Every ${what} value here is ${fmt(sc.min)}: masking a token changed nothing measurable at this layer${below}.${range}`;
+    }
+    return `Every ${what} value here is ≤ 0 (from ${fmt(sc.min)} to ${fmt(sc.valueMax)}): masking a token changed nothing ` +
+      `measurable at this layer${below}.` +
+      (range ? ` So the colours span these values' own range, ${fmt(sc.lo)} to ${fmt(sc.max)}, instead of 0 to max.` : '');
   }
 
   /** Map a value to a LUT index 0..255 under a scale. */
@@ -133,19 +170,14 @@
       const a = sc.sorted;
       let lo = 0, hi = a.length;
       while (lo < hi) { const m = (lo + hi) >> 1; if (a[m] < x) lo = m + 1; else hi = m; }
-      t = a.length > 1 ? lo / (a.length - 1) : 1;
-      if (sc.signed) t = t; // percentile rank already spans the diverging map
+      t = a.length > 1 ? lo / (a.length - 1) : 1; // the rank spans the diverging map too
+    } else if (sc.signed) {
+      let u = Math.max(-1, Math.min(1, x / sc.max));
+      if (sc.scaling === 'sqrt') u = Math.sign(u) * Math.sqrt(Math.abs(u));
+      t = (u + 1) / 2;
     } else {
-      const m = sc.max > 0 ? sc.max : 1;
-      let u = x / m;
-      if (sc.signed) {
-        u = Math.max(-1, Math.min(1, u));
-        if (sc.scaling === 'sqrt') u = Math.sign(u) * Math.sqrt(Math.abs(u));
-        t = (u + 1) / 2;
-      } else {
-        u = Math.max(0, Math.min(1, u));
-        t = sc.scaling === 'sqrt' ? Math.sqrt(u) : u;
-      }
+      const u = Math.max(0, Math.min(1, (x - sc.lo) / (sc.max - sc.lo)));
+      t = sc.scaling === 'sqrt' ? Math.sqrt(u) : u;
     }
     return Math.max(0, Math.min(255, Math.round(t * 255)));
   }
@@ -246,7 +278,8 @@
         where = ` at image ${im.index} r${Math.floor(k / im.cols)} c${k % im.cols}`;
       }
       return `image: max ${fmt(best === -Infinity ? NaN : best)}${where} · mean ${fmt(sc.mean)} · count ${sc.count} · grid ${grids}` +
-        (app.state.excludeFirst ? ' · scale excludes first image token' : '') + ` · scale max ${fmt(sc.max)}`;
+        (app.state.excludeFirst ? ' · scale excludes first image token' : '') +
+        (sc.lo ? ` · scale ${fmt(sc.lo)} to ${fmt(sc.max)}` : ` · scale max ${fmt(sc.max)}`);
     }
     let arg = -1, best = -Infinity;
     for (let i = 0; i < v.textVals.length; i++) { const x = v.textVals[i]; if (x > best) { best = x; arg = i; } }
@@ -280,7 +313,7 @@
       if (sc.scaling === 'sqrt') u = Math.sign(u) * u * u;
       return fmt(u * sc.max);
     }
-    return fmt((sc.scaling === 'sqrt' ? t * t : t) * sc.max);
+    return fmt(sc.lo + (sc.scaling === 'sqrt' ? t * t : t) * (sc.max - sc.lo));
   }
 
   function cellAt(e, b) {
@@ -465,7 +498,7 @@
   }
 
   mv.grid = {
-    rebuildViews, keyOf, gather, makeScale, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
+    rebuildViews, keyOf, gather, makeScale, scaleNote, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
     viewParams, viewTitle, statsLine, drawColourbar, hideTip, moveTip, drawHeads, exportName, exportPNG,
   };
 })(window.maskvl = window.maskvl || {});
