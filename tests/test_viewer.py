@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import time
 
 import numpy as np
 import pytest
 
 from maskvl.view import ViewError, write_page
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder (pytest's prepend mode)
-    from tests.viewer_support import (
-        CHROMIUM, LAUNCH_ARGS, PROTOTYPE_DIR, REPO, VIEWER_INDEX, make_maskvl_file, make_prototype_file,
-        natural_variants,
+    from tests.viewer_support import (  # noqa: F401  (browser, viewer: fixtures)
+        KEY_LOOP_JS, PROTOTYPE_DIR, REPO, VIEWER_INDEX, Viewer, browser, make_maskvl_file, make_prototype_file,
+        natural_variants, needs_chromium, press_all, set_view, viewer,
     )
 except ImportError:
-    from viewer_support import (  # type: ignore[no-redef]
-        CHROMIUM, LAUNCH_ARGS, PROTOTYPE_DIR, REPO, VIEWER_INDEX, make_maskvl_file, make_prototype_file,
-        natural_variants,
+    from viewer_support import (  # type: ignore[no-redef]  # noqa: F401
+        KEY_LOOP_JS, PROTOTYPE_DIR, REPO, VIEWER_INDEX, Viewer, browser, make_maskvl_file, make_prototype_file,
+        natural_variants, needs_chromium, press_all, set_view, viewer,
     )
-
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
 BIG_PROTOTYPE = PROTOTYPE_DIR / "animal_count_question.parquet"
 SMALL_PROTOTYPE = PROTOTYPE_DIR / "image_question_hair.parquet"
 XSS_IMG = "<img src=x onerror=alert(1)>"
@@ -39,93 +35,6 @@ IMAGE_TOP = (110, 0, 20)
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield b
-        b.close()
-
-
-class Viewer:
-    """A page of the viewer in a fresh, network-blocked browser context."""
-
-    def __init__(self, browser, *, bypass_csp: bool = True, height: int = 1000):
-        # bypass_csp only lets playwright evaluate string predicates; the XSS
-        # test therefore checks the viewer's own escaping, not the CSP.
-        self.ctx = browser.new_context(viewport={"width": 1400, "height": height}, bypass_csp=bypass_csp)
-        self.blocked: list[str] = []
-        self.dialogs: list[str] = []
-        self.errors: list[str] = []
-
-        def route(r):
-            url = r.request.url
-            if url.startswith(("file:", "data:", "blob:")):
-                r.continue_()
-            else:
-                self.blocked.append(url)
-                r.abort()
-
-        self.ctx.route("**/*", route)
-        self.page = self.ctx.new_page()
-        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-    def goto(self, url: str | None = None):
-        self.page.goto(url or VIEWER_INDEX.as_uri())
-        return self
-
-    def open(self, *paths, wait_ok: bool = True) -> dict:
-        """Open file(s) through the file picker; returns the viewer's load record."""
-        self.page.evaluate("window.maskvlViewer.perf.load = null")
-        self.page.set_input_files("#file-input", [str(p) for p in paths])
-        self.page.wait_for_function("window.maskvlViewer.perf.load !== null", timeout=60000)
-        load = self.page.evaluate("window.maskvlViewer.perf.load")
-        if wait_ok:
-            assert load["ok"], (load, self.page.text_content("#error"))
-        return load
-
-    def state(self) -> dict:
-        return self.page.evaluate("({...window.maskvlViewer.state})")
-
-    def values(self) -> dict:
-        return self.page.evaluate("window.maskvlViewer.currentValues()")
-
-    def status(self) -> str:
-        return self.page.text_content("#status")
-
-    def pixel(self, selector: str, fx: float, fy: float) -> tuple[int, int, int]:
-        """RGB of a canvas at fractional position (fx, fy) of its backing store."""
-        rgba = self.page.evaluate(
-            """([sel, fx, fy]) => { const c = document.querySelector(sel);
-                 const x = Math.min(c.width - 1, Math.floor(fx * c.width)), y = Math.min(c.height - 1, Math.floor(fy * c.height));
-                 return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data); }""",
-            [selector, fx, fy])
-        return tuple(rgba[:3])
-
-    def close(self):
-        self.ctx.close()
-
-
-@pytest.fixture
-def viewer(browser):
-    made: list[Viewer] = []
-
-    def make(**kw) -> Viewer:
-        v = Viewer(browser, **kw)
-        made.append(v)
-        return v
-
-    yield make
-    for v in made:
-        assert not v.blocked, f"page tried the network: {v.blocked}"
-        assert not v.dialogs, f"dialogs fired: {v.dialogs}"
-        assert not v.errors, f"page errors: {v.errors}"
-        v.close()
-
 
 @pytest.fixture(scope="module")
 def two_images(tmp_path_factory):
@@ -141,33 +50,6 @@ def two_images(tmp_path_factory):
     paths = [str(d / "left_red_right_blue.png"), str(d / "green.png")]
     return make_maskvl_file(d / "two_images.parquet", grids=((7, 10), (5, 3)), num_layers=4, num_heads=12,
                             num_steps=2, logits=True, compression="zstd", image_paths=paths)
-
-
-def _press_all(v: Viewer, keys: list[str]) -> list[float]:
-    """Press real keys; return the viewer's in-page handler+render time (ms) of each."""
-    out = []
-    for k in keys:
-        v.page.evaluate("window.maskvlViewer.perf.lastKeyMs = -1")
-        v.page.keyboard.press(k)
-        ms = v.page.evaluate("window.maskvlViewer.perf.lastKeyMs")
-        assert ms >= 0, f"key {k} was not handled"
-        out.append(ms)
-    return out
-
-
-KEY_LOOP_JS = """(n) => {
-  // keydown -> render, then force style + layout so the cost of the DOM
-  // updates is counted too; timed in-page with performance.now().
-  const keys = ['ArrowRight', 'ArrowRight', 'ArrowDown', 'v', 'm', 's', 'ArrowLeft', 'ArrowUp', 'V', 's', 'm', 's'];
-  const out = [];
-  for (let i = 0; i < n; i++) {
-    const t = performance.now();
-    document.dispatchEvent(new KeyboardEvent('keydown', { key: keys[i % keys.length], bubbles: true }));
-    document.body.getBoundingClientRect();
-    out.push(performance.now() - t);
-  }
-  return out;
-}"""
 
 
 # --------------------------------------------------------- prototype files
@@ -202,7 +84,7 @@ def test_prototype_file_opens_fast(viewer, path, rows, cols, n_rows):
     opts = v.page.eval_on_selector_all("#variant-select option", "ns => ns.map(n => n.textContent)")
     assert opts == natural_variants(32, False)
     # key presses re-render in under 30 ms each (in-page timing of handler + render)
-    times = _press_all(v, ["ArrowRight"] * 5 + ["ArrowDown", "m", "s", "s", "v", "V", "ArrowLeft", "ArrowUp", "s", "m"])
+    times = press_all(v, ["ArrowRight"] * 5 + ["ArrowDown", "m", "s", "s", "v", "V", "ArrowLeft", "ArrowUp", "s", "m"])
     assert max(times) < 30, times
     # and including style/layout, over a longer run. On this 2-core box a GC
     # pause or the test process itself can stall one frame, so the bound is
@@ -294,7 +176,7 @@ def test_variant_order_follows_metadata_else_python(viewer, tmp_path):
     names = []
     for _ in listed:
         names.append(v.page.evaluate("window.maskvlViewer.dataset.variants[window.maskvlViewer.state.variant]"))
-        _press_all(v, ["v"])
+        press_all(v, ["v"])
     assert names == listed
     v.page.evaluate("""() => { const st = window.maskvlViewer.state;
         st.variant = window.maskvlViewer.dataset.variants.indexOf('Resid'); window.maskvlViewer.render(); }""")
@@ -310,13 +192,6 @@ def test_variant_order_follows_metadata_else_python(viewer, tmp_path):
 
 
 # ------------------------------------------------- status, legend, scale
-
-def _set_view(v: Viewer, **kw):
-    """Set state fields (variant by name) and render."""
-    v.page.evaluate("""(kw) => { const mv = window.maskvlViewer, st = mv.state;
-        for (const [k, x] of Object.entries(kw)) st[k] = k === 'variant' ? mv.dataset.variants.indexOf(x) : x;
-        mv.render(); }""", kw)
-
 
 @needs_chromium
 def test_status_line_names_the_prompt_once(viewer, two_images, tmp_path):
@@ -354,7 +229,7 @@ def test_pin_legend_has_swatches_not_hex_codes(viewer, tmp_path):
         s.add(`rgb(${d[i]}, ${d[i+1]}, ${d[i+2]})`); return [...s]; }"""))
     swatches = [it["swatch"] for it in items]
     assert len(set(swatches)) == 3 and set(swatches) <= chart, (swatches, len(chart))
-    _press_all(v, ["ArrowDown"])
+    press_all(v, ["ArrowDown"])
     assert v.page.eval_on_selector_all("#pin-legend .legend-item.current", "ns => ns.map(n => n.textContent)") == ["step 1"]
 
 
@@ -365,7 +240,7 @@ def test_nonpositive_layer_says_so_and_keeps_a_scale(viewer, tmp_path):
     v = viewer().goto()
     v.open(f.path)
     assert not v.page.is_visible("#scale-note")
-    _set_view(v, metric="cosine_distance", layer=1, variant="Full")
+    set_view(v, metric="cosine_distance", layer=1, variant="Full")
     note = v.page.text_content("#scale-note")
     assert v.page.is_visible("#scale-note")
     assert "Every image value here is ≤ 0" in note and "-0.00781" in note, note
@@ -382,13 +257,13 @@ def test_nonpositive_layer_says_so_and_keeps_a_scale(viewer, tmp_path):
     k = next(k for k in range(1, len(cells)) if cells[k] < 0)
     assert v.pixel("#view-a canvas[data-image='0']", (k % 8 + 0.5) / 8, (k // 8 + 0.5) / 6) == (255, 255, 255)
     # every value exactly 0: said so, and a 0..1 scale rather than 0..0
-    _set_view(v, variant="Attn")
+    set_view(v, variant="Attn")
     note = v.page.text_content("#scale-note")
     assert "Every image value here is 0" in note, note
     labels = v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns.map(n => n.textContent)")
     assert labels[0] == "0" and labels[-1] == "1.00", labels
     # a layer with positive values: no note, 0..max as before
-    _set_view(v, variant="Full", layer=2)
+    set_view(v, variant="Full", layer=2)
     assert not v.page.is_visible("#scale-note")
     assert v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns[0].textContent") == "0"
 
@@ -401,7 +276,7 @@ def test_prototype_bf16_layer_note(viewer):
     v.open(SMALL_PROTOTYPE)
     # cosine distance of Head_0 at layer 0, step 0: -0.0078 on every image token, 0 on every
     # text token (bf16 rounding)
-    _set_view(v, metric="cosine_distance", layer=0, step=0, variant="Head_0")
+    set_view(v, metric="cosine_distance", layer=0, step=0, variant="Head_0")
     note = v.page.text_content("#scale-note")
     assert v.page.is_visible("#scale-note"), note
     assert "Every image value here is -0.00780" in note and "rounding error" in note, note
@@ -409,7 +284,7 @@ def test_prototype_bf16_layer_note(viewer):
     labels = v.page.eval_on_selector_all("#cbar-image-labels span", "ns => ns.map(n => n.textContent)")
     assert labels[0] == "-0.00780" and labels[-1] == "0", labels
     # the Full variant at layer 4 mixes 0 and -0.0078 over the image: a min..max scale
-    _set_view(v, variant="Full", layer=4)
+    set_view(v, variant="Full", layer=4)
     note = v.page.text_content("#scale-note")
     assert "Every image value here is ≤ 0 (from -0.00780 to 0)" in note, note
 
@@ -425,46 +300,46 @@ def test_key_navigation(viewer, two_images):
     assert v.page.evaluate("document.documentElement.scrollHeight > window.innerHeight")
     s = v.state()
     assert (s["layer"], s["step"], s["variant"], s["metric"], s["scaling"]) == (0, 0, 0, "l2_distance", "linear")
-    _press_all(v, ["ArrowRight", "ArrowRight"])
+    press_all(v, ["ArrowRight", "ArrowRight"])
     assert v.state()["layer"] == 2 and "Layer 2 (3 of 4)" in v.status()
-    _press_all(v, ["ArrowLeft"])
+    press_all(v, ["ArrowLeft"])
     assert v.state()["layer"] == 1
-    _press_all(v, ["ArrowLeft", "ArrowLeft"])  # clamps at 0
+    press_all(v, ["ArrowLeft", "ArrowLeft"])  # clamps at 0
     assert v.state()["layer"] == 0
-    _press_all(v, ["ArrowDown"])
+    press_all(v, ["ArrowDown"])
     assert v.state()["step"] == 1 and "step 1 (2 of 2)" in v.status()
-    _press_all(v, ["ArrowDown"])  # clamps at the last step
+    press_all(v, ["ArrowDown"])  # clamps at the last step
     assert v.state()["step"] == 1
-    _press_all(v, ["ArrowUp"])
+    press_all(v, ["ArrowUp"])
     assert v.state()["step"] == 0
     assert v.page.evaluate("window.scrollY") == 0  # arrows did not scroll the page
-    _press_all(v, ["m"])
+    press_all(v, ["m"])
     assert v.state()["metric"] == "cosine_distance" and "cosine distance" in v.status()
-    _press_all(v, ["M"])
+    press_all(v, ["M"])
     assert v.state()["metric"] == "l2_distance"
     seen = []
     for _ in range(3):
-        _press_all(v, ["s"])
+        press_all(v, ["s"])
         seen.append(v.state()["scaling"])
     assert seen == ["sqrt", "percentile", "linear"]
     # variants cycle in natural order with V / ], backwards with Shift+V / [
     names = []
     for _ in range(len(two_images.variants)):
         names.append(v.page.evaluate("window.maskvlViewer.dataset.variants[window.maskvlViewer.state.variant]"))
-        _press_all(v, ["v"])
+        press_all(v, ["v"])
     assert names == natural_variants(12, True)
     assert v.state()["variant"] == 0  # wrapped around
-    _press_all(v, ["Shift+V"])
+    press_all(v, ["Shift+V"])
     assert v.state()["variant"] == len(two_images.variants) - 1  # Logits
     # on Logits, M also offers the logits metrics
     metrics = []
     for _ in range(4):
-        _press_all(v, ["m"])
+        press_all(v, ["m"])
         metrics.append(v.state()["metric"])
     assert metrics == ["cosine_distance", "kl_divergence", "target_prob_delta", "l2_distance"]
-    _press_all(v, ["]", "]"])
+    press_all(v, ["]", "]"])
     assert v.state()["variant"] == 1
-    _press_all(v, ["["])
+    press_all(v, ["["])
     assert v.state()["variant"] == 0
     # keys with Ctrl / Alt / Meta are not captured and change nothing
     before = v.state()
@@ -760,35 +635,3 @@ def test_viewer_sources_are_safe_and_classic():
         assert (REPO / "viewer" / "vendor" / name).is_file()
     html_ = (REPO / "viewer" / "index.html").read_text()
     assert "http://" not in html_ and "https://" not in html_ and 'type="module"' not in html_
-
-
-# ------------------------------------------------------------ 10M rows
-
-@pytest.fixture(scope="module")
-def ten_million(tmp_path_factory):
-    # 36 layers x 34 variants x ~1070 positions x 8 steps = 10.4M rows, zstd
-    # (the slowest codec to decode in the browser); ~4 s to write here.
-    d = tmp_path_factory.mktemp("big")
-    return make_maskvl_file(d / "ten_million.parquet", grids=((32, 32),), num_layers=36, num_heads=32,
-                            num_steps=8, logits=False, compression="zstd", keep_tables=False, extra_text=20)
-
-
-@needs_chromium
-@pytest.mark.skipif(os.environ.get("MASKVL_SKIP_BIG") == "1", reason="MASKVL_SKIP_BIG=1")
-def test_ten_million_rows_open_under_8s(viewer, ten_million):
-    import pyarrow.parquet as pq
-
-    n = pq.ParquetFile(ten_million.path).metadata.num_rows
-    assert n >= 10_000_000
-    v = viewer().goto()
-    t = time.perf_counter()
-    load = v.open(ten_million.path)
-    wall = time.perf_counter() - t
-    assert load["rows"] == n
-    assert load["totalMs"] < 8000, load
-    assert wall < 10, wall  # includes the file transfer into the page
-    vals = v.values()
-    assert [(im["rows"], im["cols"]) for im in vals["images"]] == [(32, 32)]
-    v.page.wait_for_function("window.maskvlViewer.perf.backgroundDone", timeout=60000)
-    times = _press_all(v, ["ArrowRight", "ArrowDown", "ArrowDown", "v", "m", "s", "ArrowLeft", "ArrowUp"])
-    assert max(times) < 30, times

@@ -1,4 +1,5 @@
-"""Helpers for the viewer's browser tests: synthetic Parquet files and browser setup.
+"""Helpers for the viewer's browser tests: synthetic Parquet files, the browser
+fixtures (`browser`, `viewer`; test modules import them) and page helpers.
 
 The files follow docs/FORMAT.md (maskvl format, version 1) or the prototype's
 format (int64 columns, dictionary strings, `prompt_name`, no metadata).
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 VIEWER_INDEX = REPO / "viewer" / "index.html"
@@ -22,6 +24,7 @@ LAUNCH_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 PROTOTYPE_DIR = pathlib.Path("/work/shared/data/prototype")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
 
 QUESTION = [" What", " is", " in", " these", " images", "?"]
 GENERATED = [" Two", " cats", ".", "<|im_end|>"] + [f" w{i}" for i in range(64)]
@@ -74,6 +77,7 @@ def make_maskvl_file(
     meta_update: dict | None = None,
     variants: list[str] | None = None,
     nonpositive_layer: int | None = None,
+    row_groups: str | int = "step",
 ) -> SynthFile:
     """Write a maskvl-format file (FORMAT.md) with plausible synthetic values.
 
@@ -84,7 +88,9 @@ def make_maskvl_file(
     metadata, in the given order (the rows' dictionary keeps that order too).
     At `nonpositive_layer` every cosine distance is <= 0, as in files computed
     in bfloat16: 0 or -2**-7 (one bf16 step below 1 - cos = 0), and exactly 0
-    for every `Attn` row.
+    for every `Attn` row. `row_groups`: "step" (one row group per step),
+    "step_layer" (one per (step, layer)), or a row count (groups that cut
+    through layers and variants).
     """
     rng = np.random.default_rng(seed)
     question = list(QUESTION if question is None else question) + [f" t{i}" for i in range(extra_text)]
@@ -209,7 +215,14 @@ def make_maskvl_file(
                 pa.array(kl, mask=~is_logit),
                 pa.array(tpd, mask=~is_logit),
             ], schema=schema)
-            writer.write_table(table)
+            if row_groups == "step":
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+            elif row_groups == "step_layer":
+                for layer in range(num_layers):
+                    part = table.slice(layer * v_count * t, v_count * t)
+                    writer.write_table(part, row_group_size=part.num_rows)
+            else:
+                writer.write_table(table, row_group_size=int(row_groups))
             if keep_tables:
                 out.tables.append(table)
     return out
@@ -252,3 +265,276 @@ def make_prototype_file(path: pathlib.Path, texts: list[str], *, prompt_name: st
         "config_prompt": pa.array([config_prompt] * n).dictionary_encode(),
     })
     pq.write_table(table, path, compression="snappy")
+
+
+def large_file_tokens(grid: tuple[int, int], question: int = 12) -> list[dict]:
+    """Token list of a one-image prompt for `make_large_file` (metadata `tokens`)."""
+    tokens: list[dict] = []
+
+    def add(text, kind="text", r=None, c=None):
+        img = None if kind == "text" else 0
+        tokens.append({"position": len(tokens), "id": 1000 + len(tokens), "text": text, "kind": kind,
+                       "image_index": img, "patch_row": r, "patch_col": c})
+
+    for t in ["<|im_start|>", "user", "\n", "<|vision_start|>"]:
+        add(t)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            add("<|image_pad|>", "image", r, c)
+    add("<|vision_end|>")
+    for i in range(question):
+        add(f" q{i}")
+    for t in ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]:
+        add(t)
+    return tokens
+
+
+def make_large_file(
+    path: pathlib.Path,
+    *,
+    grid: tuple[int, int] = (128, 128),
+    num_layers: int = 36,
+    num_heads: int = 32,
+    num_steps: int = 3,
+    logits: bool = True,
+    compression: str = "zstd",
+    group_by: str = "step_layer",
+    seed: int = 0,
+) -> dict:
+    """Write a large maskvl-format file quickly, straight with pyarrow (no model).
+
+    Synthetic but format-correct (docs/FORMAT.md): every column and the metadata,
+    rows sorted by (step, layer, variant, position). `group_by="step_layer"` writes
+    one row group per (step, layer); `"step"` one per step (the writer's older
+    layout). The defaults (a 128x128 image, 36 layers, Full + Attn + 32 heads +
+    Logits, 3 steps) give ~62 million rows. Value of (step, layer, variant,
+    position): `value_of` in the returned dict, so a test can check any cell.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = large_file_tokens(grid)
+    t0 = len(tokens)
+    generated = [{"step": s, "id": 3000 + s, "text": f" g{s}"} for s in range(num_steps)]
+    for s in range(num_steps - 1):
+        tokens.append({"position": len(tokens), "id": 3000 + s, "text": f" g{s}", "kind": "text",
+                       "image_index": None, "patch_row": None, "patch_col": None})
+    variants = natural_variants(num_heads, logits)
+    rows_, cols_ = grid
+    start = 4
+    meta = {
+        "format_version": 1, "maskvl_version": "0.1.0", "model": "synthetic:large", "dtype": "bfloat16",
+        "device": "cuda", "backend": "triton", "prompt": "How many animals are in the image?",
+        "mask_mode": "both", "num_layers": num_layers, "num_heads": num_heads,
+        "layers": list(range(num_layers)), "variants": variants, "tokens": tokens, "generated": generated,
+        "target": {"mode": "greedy"},
+        "images": [{"index": 0, "path": "/nonexistent/large.png", "grid_rows": rows_, "grid_cols": cols_,
+                    "token_start": start, "token_end": start + rows_ * cols_,
+                    "original_size": [cols_ * 32, rows_ * 32], "resized_size": [cols_ * 32, rows_ * 32]}],
+        "measures": {}, "num_steps": num_steps, "steps_completed": num_steps, "complete": True,
+    }
+    texts = [t["text"] for t in tokens]
+    vocab = sorted(set(texts))
+    vocab_index = {t: i for i, t in enumerate(vocab)}
+    tok_id = np.array([vocab_index[t] for t in texts], dtype=np.int32)
+    kind = np.array([0 if t["kind"] == "text" else 1 for t in tokens], dtype=np.int32)
+    prow = np.array([-1 if t["patch_row"] is None else t["patch_row"] for t in tokens], dtype=np.int32)
+    pcol = np.array([-1 if t["patch_col"] is None else t["patch_col"] for t in tokens], dtype=np.int32)
+    n_tok = len(tokens)
+    V = len(variants)
+    # value(step, layer, variant, pos) = base[pos] * layer_gain[layer] * var_gain[variant] * (1 + 0.01 * step),
+    # with a blob that moves with the layer: cheap to compute for a check, not uniform on screen
+    k = np.arange(rows_ * cols_)
+    base = np.full(n_tok, 0.5, dtype=np.float64)
+    base[0] = 9.0
+    base[start:start + rows_ * cols_] = 0.1 + (k % 7) * 0.01
+    var_gain = np.array([1.0, 0.6] + [0.05 + 0.01 * h for h in range(num_heads)] + ([1.5] if logits else []))
+
+    def blob(layer: int) -> np.ndarray:
+        cr, cc = (layer * 3.1) % rows_, (layer * 5.3) % cols_
+        d2 = ((k // cols_) - cr) ** 2 + ((k % cols_) - cc) ** 2
+        out = base.copy()
+        out[start:start + rows_ * cols_] += 2.0 * np.exp(-d2 / (2 * (rows_ / 8) ** 2))
+        return out
+
+    def value_of(step: int, layer: int, variant: str, pos: int) -> float:
+        b = blob(layer)[pos]
+        return float(np.float32(b * (1 + 0.05 * layer) * var_gain[variants.index(variant)] * (1 + 0.01 * step)))
+
+    vocab_arr = pa.array(vocab, pa.string())
+    var_arr = pa.array(variants, pa.string())
+    kind_arr = pa.array(["text", "image"], pa.string())
+    schema = pa.schema([
+        ("generation_step", pa.int32()), ("layer", pa.int32()),
+        ("token_masked", pa.dictionary(pa.int32(), pa.string())), ("token_position", pa.int32()),
+        ("variant", pa.dictionary(pa.int32(), pa.string())), ("l2_distance", pa.float32()),
+        ("cosine_distance", pa.float32()), ("token_kind", pa.dictionary(pa.int32(), pa.string())),
+        ("image_index", pa.int32()), ("patch_row", pa.int32()), ("patch_col", pa.int32()),
+        ("kl_divergence", pa.float32()), ("target_prob_delta", pa.float32()),
+    ], metadata={"maskvl": json.dumps(meta)})
+    n_rows = 0
+    # Dictionary encoding is tried only on the columns with few distinct values: pyarrow's attempt
+    # on the float columns (abandoned after 1 MB) would triple the time this takes.
+    dict_cols = ["generation_step", "layer", "token_masked", "token_position", "variant", "token_kind",
+                 "image_index", "patch_row", "patch_col"]
+    with pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dict_cols) as writer:
+        for s in range(num_steps):
+            t = t0 + s
+            pos1 = np.arange(t, dtype=np.int32)
+            pos = np.tile(pos1, V)
+            var = np.repeat(np.arange(V, dtype=np.int32), t)
+            text_mask = kind[pos] == 0
+            logit_mask = var != (V - 1 if logits else -1)
+            fixed = [
+                pa.DictionaryArray.from_arrays(pa.array(tok_id[pos]), vocab_arr),
+                pa.array(pos),
+                pa.DictionaryArray.from_arrays(pa.array(var), var_arr),
+            ]
+            tail = [
+                pa.DictionaryArray.from_arrays(pa.array(kind[pos]), kind_arr),
+                pa.array(np.zeros(len(pos), np.int32), mask=text_mask),
+                pa.array(prow[pos], mask=text_mask),
+                pa.array(pcol[pos], mask=text_mask),
+            ]
+            tables = []
+            for layer in range(num_layers):
+                l2 = (blob(layer)[:t][None, :] * (1 + 0.05 * layer) * var_gain[:, None] * (1 + 0.01 * s))
+                l2 = l2.astype(np.float32).reshape(-1)
+                noise = rng.random(len(pos), dtype=np.float32)
+                cos = (l2 * 0.02 + 0.001 * noise).astype(np.float32)
+                n = len(pos)
+                tables.append(pa.Table.from_arrays([
+                    pa.array(np.full(n, s, np.int32)), pa.array(np.full(n, layer, np.int32)),
+                    fixed[0], fixed[1], fixed[2], pa.array(l2), pa.array(cos), *tail,
+                    pa.array(l2 * 0.05, mask=logit_mask), pa.array((noise - 0.5) * 0.01, mask=logit_mask),
+                ], schema=schema))
+                n_rows += n
+                if group_by == "step_layer":
+                    writer.write_table(tables.pop(), row_group_size=n)
+            if group_by == "step":
+                table = pa.concat_tables(tables)
+                writer.write_table(table, row_group_size=table.num_rows)
+    return {"path": pathlib.Path(path), "rows": n_rows, "meta": meta, "variants": variants, "value_of": value_of,
+            "prompt_len": t0}
+
+
+# ------------------------------------------------------------ browser
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+class Viewer:
+    """A page of the viewer in a fresh, network-blocked browser context."""
+
+    def __init__(self, browser, *, bypass_csp: bool = True, height: int = 1000):
+        # bypass_csp only lets playwright evaluate string predicates; the XSS
+        # test therefore checks the viewer's own escaping, not the CSP.
+        self.ctx = browser.new_context(viewport={"width": 1400, "height": height}, bypass_csp=bypass_csp)
+        self.blocked: list[str] = []
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+
+        def route(r):
+            url = r.request.url
+            if url.startswith(("file:", "data:", "blob:")):
+                r.continue_()
+            else:
+                self.blocked.append(url)
+                r.abort()
+
+        self.ctx.route("**/*", route)
+        self.page = self.ctx.new_page()
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def goto(self, url: str | None = None):
+        self.page.goto(url or VIEWER_INDEX.as_uri())
+        return self
+
+    def open(self, *paths, wait_ok: bool = True) -> dict:
+        """Open file(s) through the file picker; returns the viewer's load record."""
+        self.page.evaluate("window.maskvlViewer.perf.load = null")
+        self.page.set_input_files("#file-input", [str(p) for p in paths])
+        self.page.wait_for_function("window.maskvlViewer.perf.load !== null", timeout=120000)
+        load = self.page.evaluate("window.maskvlViewer.perf.load")
+        if wait_ok:
+            assert load["ok"], (load, self.page.text_content("#error"))
+        return load
+
+    def state(self) -> dict:
+        return self.page.evaluate("({...window.maskvlViewer.state})")
+
+    def values(self) -> dict:
+        return self.page.evaluate("window.maskvlViewer.currentValues()")
+
+    def status(self) -> str:
+        return self.page.text_content("#status")
+
+    def pixel(self, selector: str, fx: float, fy: float) -> tuple[int, int, int]:
+        """RGB of a canvas at fractional position (fx, fy) of its backing store."""
+        rgba = self.page.evaluate(
+            """([sel, fx, fy]) => { const c = document.querySelector(sel);
+                 const x = Math.min(c.width - 1, Math.floor(fx * c.width)), y = Math.min(c.height - 1, Math.floor(fy * c.height));
+                 return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data); }""",
+            [selector, fx, fy])
+        return tuple(rgba[:3])
+
+    def close(self):
+        self.ctx.close()
+
+
+@pytest.fixture
+def viewer(browser):
+    made: list[Viewer] = []
+
+    def make(**kw) -> Viewer:
+        v = Viewer(browser, **kw)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        assert not v.blocked, f"page tried the network: {v.blocked}"
+        assert not v.dialogs, f"dialogs fired: {v.dialogs}"
+        assert not v.errors, f"page errors: {v.errors}"
+        v.close()
+
+
+def press_all(v: Viewer, keys: list[str]) -> list[float]:
+    """Press real keys; return the viewer's in-page handler+render time (ms) of each."""
+    out = []
+    for k in keys:
+        v.page.evaluate("window.maskvlViewer.perf.lastKeyMs = -1")
+        v.page.keyboard.press(k)
+        ms = v.page.evaluate("window.maskvlViewer.perf.lastKeyMs")
+        assert ms >= 0, f"key {k} was not handled"
+        out.append(ms)
+    return out
+
+
+KEY_LOOP_JS = """(n) => {
+  // keydown -> render, then force style + layout so the cost of the DOM
+  // updates is counted too; timed in-page with performance.now().
+  const keys = ['ArrowRight', 'ArrowRight', 'ArrowDown', 'v', 'm', 's', 'ArrowLeft', 'ArrowUp', 'V', 's', 'm', 's'];
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const t = performance.now();
+    document.dispatchEvent(new KeyboardEvent('keydown', { key: keys[i % keys.length], bubbles: true }));
+    document.body.getBoundingClientRect();
+    out.push(performance.now() - t);
+  }
+  return out;
+}"""
+
+
+
+def set_view(v: Viewer, **kw) -> None:
+    """Set state fields (variant by name), render, and wait until that view is drawn."""
+    v.page.evaluate("""(kw) => { const mv = window.maskvlViewer, st = mv.state;
+        for (const [k, x] of Object.entries(kw)) st[k] = k === 'variant' ? mv.dataset.variants.indexOf(x) : x;
+        mv.render(); return mv.whenDrawn(); }""", kw)

@@ -9,12 +9,78 @@
   const { $, UserError, METRICS, LUT_IMAGE, LUT_TEXT, LUT_DIV } = mv.util;
   const app = mv.app;
 
+  // Render requests. A lazily read file may need row groups that are not in
+  // memory yet: render then shows the new state in the status line, asks for
+  // them, and draws when they arrive, unless a newer request came first. The
+  // previous drawing stays until then.
+  let requestId = 0;     // the latest request
+  let pending = null;    // { id, t0 } of a request waiting for data, or null
+  let drawnWaiters = []; // resolve functions of whenDrawn()
+  let lastDrawn = null;  // the dataset drawn last
+
+  /** The (step, layer) pairs the active views show. */
+  function neededPairs() {
+    const pairs = [mv.grid.viewParams('a')];
+    if (app.views.b) pairs.push(mv.grid.viewParams('b'));
+    return pairs;
+  }
+
   function render() {
     if (!app.ds) return;
+    const ds = app.ds;
+    if (!mv.data.hasMetric(ds, app.state.metric)) app.state.metric = 'l2_distance';
+    const metric = app.state.metric;
+    const pairs = neededPairs();
+    const id = ++requestId;
+    if (mv.data.isReady(ds, pairs, metric)) {
+      draw(metric);
+      const t0 = pending ? pending.t0 : null;
+      pending = null;
+      settle(t0);
+      return;
+    }
+    if (!pending) pending = { t0: performance.now() };
+    updateStatus(-1, pairs);
+    mv.controls.syncControls();
+    mv.data.ensure(ds, pairs, metric).then(() => {
+      if (id === requestId && app.ds === ds) render();
+    }, (e) => {
+      if (app.ds !== ds) return;
+      pending = null;
+      mv.controls.showError(e instanceof UserError ? e.message : 'Could not read the file: ' + (e && e.message));
+      settle(null);
+    });
+  }
+
+  /** After a draw that shows the latest request: timings, waiters, background reading. */
+  function settle(t0) {
+    if (t0 !== null) app.perf.lastViewMs = performance.now() - t0;
+    const w = drawnWaiters;
+    drawnWaiters = [];
+    for (const f of w) f();
+    const ds = app.ds;
+    if (ds.mode === 'lazy' && !ds.allLoaded && config.prefetch) {
+      // read ahead while the user looks; a newer request stops this run and starts its own
+      const { s, l } = mv.grid.viewParams('a');
+      const id = requestId;
+      const current = () => app.ds === ds && requestId === id;
+      app.perf.backgroundDone = false;
+      mv.data.prefetch(ds, s, l, app.state.metric, current).then((done) => {
+        if (done && current()) app.perf.backgroundDone = true;
+      }, (e) => mv.controls.showError(e.message));
+    }
+  }
+
+  /** Resolves once the current state is drawn (at once when nothing is waiting for data). */
+  function whenDrawn() {
+    return pending ? new Promise((resolve) => drawnWaiters.push(resolve)) : Promise.resolve();
+  }
+
+  /** Draw the active views, scales, status, chart and heads for the current state. */
+  function draw(metric) {
     const t0 = performance.now();
+    lastDrawn = app.ds;
     const info = mv.grid.currentMetricInfo();
-    let col = mv.data.metricColumn(app.ds, app.state.metric);
-    if (!col) { app.state.metric = 'l2_distance'; col = app.ds.columns.l2_distance; }
     const active = [app.views.a];
     if (app.views.b) active.push(app.views.b);
     const pr = app.ds.prompts[app.state.prompt];
@@ -22,7 +88,7 @@
     for (const v of active) {
       const { s, l } = mv.grid.viewParams(v.which);
       v.seqLen = pr.stepLen[s];
-      const rows = mv.grid.gather(v, s, l, app.state.variant, col);
+      const rows = mv.grid.gather(v, s, l, app.state.variant, metric);
       if (v.which === 'a') rowsA = rows;
       v.title.textContent = active.length > 1 ? mv.grid.viewTitle(v.which) : '';
     }
@@ -49,8 +115,8 @@
     $('scale-note').hidden = !note;
     updateStatus(rowsA);
     mv.controls.syncControls();
-    if (app.state.pinned >= 0) mv.chart.drawPinChart(col); else $('pin-panel').hidden = true;
-    if (app.state.heads) mv.grid.drawHeads(col); else $('heads-panel').hidden = true;
+    if (app.state.pinned >= 0) mv.chart.drawPinChart(metric); else $('pin-panel').hidden = true;
+    if (app.state.heads) mv.grid.drawHeads(metric); else $('heads-panel').hidden = true;
     mv.urlstate.writeHash();
     app.perf.lastRenderMs = performance.now() - t0;
     app.perf.renders++;
@@ -70,41 +136,51 @@
     return lines.join('\n');
   }
 
-  function updateStatus(rows) {
+  /** The status line; rows: the row count drawn (0: say none), or -1 while `loading` pairs are read. */
+  function updateStatus(rows, loading) {
     let s = statusText();
     if (rows === 0) s += '\nNo rows for this combination in the file.';
+    if (rows === -1) {
+      const what = loading.map(({ s: st, l }) => `layer ${app.ds.layers[l]} of step ${app.ds.steps[st]}`).join(' and ');
+      s += `\nReading ${what} from the file…`;
+    }
     $('status').textContent = s;
   }
 
+  /** Open a file picked or dropped by the user (read in slices when large). */
   async function loadFile(file) {
-    const t0 = performance.now();
-    let buf;
-    try {
-      buf = await file.arrayBuffer();
-    } catch (e) {
-      mv.controls.showError(`Could not read ${file.name}: ${e.message}`);
-      return;
-    }
-    await loadBuffer(buf, file.name, t0);
+    return loadSource(mv.data.fileSource(file), file.name, performance.now());
   }
 
-  /** Load a parquet file from an ArrayBuffer; returns true on success. */
-  let firstLoad = true;
+  /** Open a parquet file held in an ArrayBuffer; returns true on success. */
   async function loadBuffer(buf, name, t0) {
-    t0 = t0 === undefined ? performance.now() : t0;
+    return loadSource(mv.data.bufferSource(buf), name, t0 === undefined ? performance.now() : t0);
+  }
+
+  // How files are read (tests may change these): files of at least lazyMinRows rows
+  // are read on demand, keeping at most cacheBytes of decoded row groups (beyond those
+  // on screen) and reading ahead while idle when prefetch is on; smaller ones are read
+  // whole.
+  const config = { lazyMinRows: 4000000, cacheBytes: 320 * 2 ** 20, prefetch: true };
+
+  let firstLoad = true;
+  let openId = 0;
+  async function loadSource(src, name, t0) {
+    const id = ++openId;
     mv.controls.clearError();
     let next;
     try {
-      next = mv.data.buildDataset(buf, name);
+      next = await mv.data.openDataset(src, name, config);
     } catch (e) {
-      const msg = e instanceof UserError ? e.message : 'Unexpected error while reading the file: ' + (e && e.message);
-      mv.controls.showError(`Cannot open ${name}: ${msg}`);
-      if (!(e instanceof UserError)) console.error(e);
-      app.perf.load = { ok: false, error: msg };
-      return false;
+      if (id !== openId) return false;
+      return failed(name, e);
     }
+    if (id !== openId) return false; // another file was opened meanwhile
+    const tOpen = performance.now();
     app.ds = next;
     app.imagesLoaded.length = 0;
+    app.perf.backgroundDone = false;
+    pending = null;
     Object.assign(app.state, { prompt: 0, step: 0, layer: 0, variant: 0, metric: 'l2_distance', scaling: 'linear', excludeFirst: true, compare: 'off', compareWith: 0, heads: false, pinned: -1, override: null });
     $('grid-override').value = '';
     $('file-name').textContent = name;
@@ -116,22 +192,38 @@
     // (a shared link); a file opened later starts fresh.
     mv.urlstate.applyHash(firstLoad ? location.hash : '');
     firstLoad = false;
-    const tr = performance.now();
     render();
+    await whenDrawn();
+    if (app.ds !== next) return false;
+    if (lastDrawn !== next) return failed(name, new UserError('its first view could not be read.'));
     mv.urlstate.setWriting(true);
     mv.urlstate.writeHash();
     const now = performance.now();
-    app.perf.load = { ok: true, t0, totalMs: now - t0, parseMs: app.ds.timings.parse, readMs: app.ds.timings.read, indexMs: app.ds.timings.index, renderMs: now - tr, rows: app.ds.n };
-    $('load-info').textContent = `${app.ds.n.toLocaleString('en-US')} rows · ${app.ds.L} layers · ${app.ds.S} steps · ${app.ds.V} variants · opened in ${Math.round(app.perf.load.totalMs)} ms`;
+    app.perf.load = {
+      ok: true, mode: next.mode, t0, totalMs: now - t0, parseMs: next.timings.parse, readMs: next.timings.read,
+      indexMs: next.timings.index, renderMs: now - tOpen, rows: next.n,
+    };
+    const how = next.mode === 'lazy' ? ' · layers read on demand' : '';
+    $('load-info').textContent = `${next.n.toLocaleString('en-US')} rows · ${next.L} layers · ${next.S} steps · ${next.V} variants · opened in ${Math.round(app.perf.load.totalMs)} ms${how}`;
     if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
-    // after the first paint: the other metric columns, then cosmetic extras
-    app.perf.backgroundDone = false;
-    mv.data.loadInBackground(next, () => app.ds === next, () => {
-      app.perf.backgroundDone = true;
-      if (app.perf.load) app.perf.load.allColumnsMs = performance.now() - app.perf.load.t0;
-    }, mv.controls.showError);
-    mv.data.loadPromptTexts(app.ds).then(() => { if (app.ds === next) updateStatus(1); });
+    if (next.mode !== 'lazy') {
+      // after the first paint: the other metric columns, then cosmetic extras
+      mv.data.loadInBackground(next, () => app.ds === next, () => {
+        app.perf.backgroundDone = true;
+        if (app.perf.load) app.perf.load.allColumnsMs = performance.now() - app.perf.load.t0;
+      }, mv.controls.showError);
+      mv.data.loadPromptTexts(next).then(() => { if (app.ds === next) updateStatus(1); });
+    }
     return true;
+  }
+
+  /** Report a file that cannot be opened; returns false. */
+  function failed(name, e) {
+    const msg = e instanceof UserError ? e.message : 'Unexpected error while reading the file: ' + (e && e.message);
+    mv.controls.showError(`Cannot open ${name}: ${msg}`);
+    if (!(e instanceof UserError)) console.error(e);
+    app.perf.load = { ok: false, error: msg };
+    return false;
   }
 
   function decodeBase64(s) {
@@ -182,22 +274,33 @@
 
   // Test and automation hook (read-only use: state, timings, export).
   window.maskvlViewer = {
-    loadBuffer, exportPNG: () => mv.grid.exportPNG(), perf: app.perf, state: app.state,
+    loadBuffer, exportPNG: () => mv.grid.exportPNG(), perf: app.perf, state: app.state, config, whenDrawn,
     get dataset() { return app.ds; },
     get layout() { return app.layout; },
     render, statusText: () => (app.ds ? statusText() : ''),
-    /** Values of the main view as plain arrays (null where a cell has no value). */
-    currentValues() {
+    /** Values of a view ('a', or 'b' when comparing) as plain arrays (null where a cell has no value). */
+    currentValues(which = 'a') {
       const plain = (a) => Array.from(a, (x) => (Number.isFinite(x) ? x : null));
+      const v = app.views[which];
       return {
-        image: plain(app.views.a.imageVals), text: plain(app.views.a.textVals), textPositions: app.layout.textPositions.slice(),
+        image: plain(v.imageVals), text: plain(v.textVals), textPositions: app.layout.textPositions.slice(),
         images: app.layout.images.map((im) => ({ rows: im.rows, cols: im.cols, start: im.start, count: im.count, cellBase: im.cellBase })),
       };
     },
     imagesLoaded: () => app.imagesLoaded.map((x) => !!x),
+    /** The pinned token's chart values: { remaining, values [step][layer] (null: not read or absent) }. */
+    pinnedSeries() {
+      const ds = app.ds, q = app.state.pinned;
+      const ser = mv.data.pinSeries(ds, app.state.prompt, app.state.variant, app.state.metric);
+      const values = ds.steps.map((_, s) => ds.layers.map((__, l) => {
+        const x = ser.vals[(s * ds.L + l) * ser.nPos + q];
+        return Number.isFinite(x) ? x : null;
+      }));
+      return { remaining: ser.remaining, values };
+    },
   };
 
-  Object.assign(app, { render, statusText, updateStatus, loadFile, loadBuffer });
+  Object.assign(app, { render, whenDrawn, statusText, updateStatus, loadFile, loadBuffer });
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
   else init();

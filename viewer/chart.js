@@ -18,33 +18,45 @@
 
   const STEP_COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#7f7f7f', '#bcbd22'];
 
-  /** Value of position q at (step, layer, variant): scan of that key's rows. */
-  function valueAt(col, s, l, vi, q) {
-    const k = mv.grid.keyOf(app.state.prompt, s, l, vi);
-    const perm = app.ds.perm, pos = app.ds.pos;
-    for (let j = app.ds.offsets[k], hi = app.ds.offsets[k + 1]; j < hi; j++) { const r = perm[j]; if (pos[r] === q) return col[r]; }
-    return NaN;
-  }
-
-  function drawPinChart(col) {
+  /**
+   * Draw the pinned token's chart for `metric`. A file read whole has every
+   * value at hand; a lazily read one gives what its cache holds, and the rest
+   * is read in the background (one row group at a time), redrawing as it
+   * comes in.
+   */
+  function drawPinChart(metric) {
     const q = app.state.pinned;
     const panel = $('pin-panel');
     panel.hidden = false;
+    const ds = app.ds;
+    const ser = mv.data.pinSeries(ds, app.state.prompt, app.state.variant, metric);
     const series = [];
     let max = 0, min = 0;
-    for (let s = 0; s < app.ds.S; s++) {
-      const ys = new Float64Array(app.ds.L);
-      for (let l = 0; l < app.ds.L; l++) {
-        const y = valueAt(col, s, l, app.state.variant, q);
+    for (let s = 0; s < ds.S; s++) {
+      const ys = new Float64Array(ds.L);
+      for (let l = 0; l < ds.L; l++) {
+        const y = q < ser.nPos ? ser.vals[(s * ds.L + l) * ser.nPos + q] : NaN;
         ys[l] = y;
         if (y > max) max = y;
         if (y < min) min = y;
       }
       series.push(ys);
     }
+    if (ser.remaining && !ser.filling) {
+      const same = () => app.ds === ds && app.state.pinned >= 0 && ds.series.get(ser.id) === ser;
+      let last = 0;
+      const redraw = () => {
+        // at most ~8 redraws a second while the groups come in, and one at the end
+        const now = performance.now();
+        if (same() && (now - last > 120 || !ser.remaining)) { last = now; drawPinChart(metric); }
+      };
+      mv.data.fillSeries(ds, ser, same, redraw).then(() => { if (same()) drawPinChart(metric); },
+        (e) => mv.controls.showError(e.message));
+    }
+    const progress = ser.remaining ? ` · reading the file (${ds.S * ds.L - ser.remaining} of ${ds.S * ds.L} step×layer pairs so far)` : '';
     const pr = app.ds.prompts[app.state.prompt];
     const where = app.layout.posImg[q] >= 0 ? (() => { const im = app.layout.images[app.layout.posImg[q]]; const k = q - im.start; return ` · image ${im.index} row ${Math.floor(k / im.cols)} col ${k % im.cols}`; })() : '';
-    $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at position ${q}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)`;
+    $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at position ${q}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)${progress}`;
     const cv = $('pin-chart');
     const ctx = cv.getContext('2d');
     const W = cv.width, H = cv.height, m = { l: 56, r: 10, t: 10, b: 26 };

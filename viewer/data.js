@@ -105,18 +105,10 @@
   }
 
   /**
-   * Parse a whole parquet file (ArrayBuffer) into the dataset the viewer
-   * renders from. Throws UserError with a readable message on bad input.
+   * The footer's facts the viewer needs, checked: { md, meta (maskvl metadata
+   * or null), n (rows), colNames, metaTokens }. Throws UserError on bad input.
    */
-  function buildDataset(buf, fileName) {
-    const t0 = performance.now();
-    checkMagic(buf);
-    let md;
-    try {
-      md = hyparquet.parquetMetadata(buf);
-    } catch (e) {
-      throw new UserError('Could not read the Parquet footer: ' + e.message);
-    }
+  function checkFooter(md) {
     const n = Number(md.num_rows);
     let meta = null;
     const kv = (md.key_value_metadata || []).find((x) => x.key === 'maskvl');
@@ -141,7 +133,44 @@
     }
     if (n === 0) throw new UserError('The file holds no rows.');
     if (n >= 2 ** 31) throw new UserError('The file holds too many rows for this viewer.');
+    return { md, meta, n, colNames, metaTokens };
+  }
 
+  /** Token texts by position 0..maxPos from the metadata's token list (null where absent). */
+  function metaTexts(metaTokens, maxPos) {
+    const texts = new Array(maxPos + 1).fill(null);
+    for (const t of metaTokens) {
+      if (t && Number.isInteger(t.position) && t.position >= 0 && t.position <= maxPos) texts[t.position] = String(t.text);
+    }
+    return texts;
+  }
+
+  /** The metadata's generated token text of each step (null where absent). */
+  function metaGenerated(meta, steps) {
+    return steps.map((sv) => {
+      const g = Array.isArray(meta.generated) ? meta.generated.find((x) => x && x.step === sv) : null;
+      return g && typeof g.text === 'string' ? g.text : null;
+    });
+  }
+
+  /**
+   * Parse a whole parquet file (ArrayBuffer) into the dataset the viewer
+   * renders from; `footer` (from checkFooter) when the caller has read it.
+   * Throws UserError with a readable message on bad input.
+   */
+  function buildDataset(buf, fileName, footer) {
+    const t0 = performance.now();
+    if (!footer) {
+      checkMagic(buf);
+      let md;
+      try {
+        md = hyparquet.parquetMetadata(buf);
+      } catch (e) {
+        throw new UserError('Could not read the Parquet footer: ' + e.message);
+      }
+      footer = checkFooter(md);
+    }
+    const { md, meta, n, colNames, metaTokens } = footer;
     let tRead = performance.now();
     let step, layer, variant, prompt, tok;
     const pos = new Int32Array(n);
@@ -218,11 +247,7 @@
         prompts[p].texts = texts;
       }
     } else {
-      const texts = new Array(maxPos + 1).fill(null);
-      for (const t of metaTokens) {
-        if (t && Number.isInteger(t.position) && t.position >= 0 && t.position <= maxPos) texts[t.position] = String(t.text);
-      }
-      prompts[0].texts = texts;
+      prompts[0].texts = metaTexts(metaTokens, maxPos);
     }
     for (let p = 0; p < P; p++) {
       const pr = prompts[p];
@@ -241,12 +266,9 @@
     // generated token per step: from metadata, else inferred (prototype):
     // the token at position len(step s) exists at step s+1 and is the one generated.
     for (const pr of prompts) {
-      pr.generated = new Array(S).fill(null);
+      pr.generated = meta ? metaGenerated(meta, stepS.values) : new Array(S).fill(null);
       for (let s = 0; s < S; s++) {
-        const sv = stepS.values[s];
-        const g = meta && Array.isArray(meta.generated) ? meta.generated.find((x) => x && x.step === sv) : null;
-        if (g && typeof g.text === 'string') pr.generated[s] = g.text;
-        else if (!meta && s + 1 < S && pr.stepLen[s + 1] > pr.stepLen[s]) pr.generated[s] = pr.texts[pr.stepLen[s]];
+        if (!meta && s + 1 < S && pr.stepLen[s + 1] > pr.stepLen[s]) pr.generated[s] = pr.texts[pr.stepLen[s]];
       }
     }
     tIndex = performance.now() - tIndex;
@@ -258,7 +280,7 @@
     const pending = {};
     for (const c of ['cosine_distance'].concat(optional)) pending[c] = { out: new Float32Array(n), next: 0 };
     return {
-      fileName, buf, md, meta, n, pos, perm, offsets,
+      mode: 'whole', fileName, buf, md, meta, n, pos, perm, offsets,
       steps: stepS.values, layers: layerS.values, variants: varS.values, prompts,
       S, L, V, P,
       columns: { l2_distance: l2 },
@@ -323,6 +345,533 @@
       } catch (e) {
         // the prompt text is cosmetic: keep going without it
       }
+    }
+  }
+
+  // ------------------------------------------------------------ byte sources
+
+  /**
+   * Where a file's bytes come from, in the shape of hyparquet's AsyncBuffer
+   * (byteLength, slice(start, end) -> Promise<ArrayBuffer>) plus whole(): a
+   * local File read in slices (File.slice: only the asked bytes are read), or
+   * an ArrayBuffer already in memory (the data of a `maskvl view` page).
+   */
+  function fileSource(file) {
+    return {
+      byteLength: file.size,
+      slice: (start, end) => file.slice(start, end).arrayBuffer(),
+      whole: () => file.arrayBuffer(),
+    };
+  }
+  function bufferSource(buf) {
+    return {
+      byteLength: buf.byteLength,
+      slice: (start, end) => Promise.resolve(buf.slice(start, end)),
+      whole: () => Promise.resolve(buf),
+    };
+  }
+
+  /** Check the magic bytes and read the footer of a source: checkFooter's record. */
+  async function readFooter(src) {
+    if (src.byteLength < 12) throw new UserError('This file is too small to be a Parquet file.');
+    const head = await src.slice(0, 4);
+    const tail = await src.slice(src.byteLength - 4, src.byteLength);
+    const both = new Uint8Array(8);
+    both.set(new Uint8Array(head), 0);
+    both.set(new Uint8Array(tail), 4);
+    const magic = (o) => String.fromCharCode(both[o], both[o + 1], both[o + 2], both[o + 3]);
+    if (magic(0) !== 'PAR1' || magic(4) !== 'PAR1') {
+      throw new UserError('This is not a Parquet file (the PAR1 magic bytes are missing at its start or end; it may be truncated or another format).');
+    }
+    let md;
+    try {
+      md = await hyparquet.parquetMetadataAsync(src);
+    } catch (e) {
+      throw new UserError('Could not read the Parquet footer: ' + e.message);
+    }
+    return checkFooter(md);
+  }
+
+  // -------------------------------------------------- opening: whole or lazy
+
+  /**
+   * Open a file for viewing. Files of up to `opts.lazyMinRows` rows, and files
+   * without what on-demand reading needs, are read whole at once (every key is
+   * then instant). Larger maskvl files are read lazily: the footer now, then
+   * the row groups of the (step, layer) on screen when asked (see ensure),
+   * found by their column statistics (min/max of generation_step and layer).
+   */
+  async function openDataset(src, fileName, opts) {
+    const t0 = performance.now();
+    const footer = await readFooter(src);
+    const lazy = footer.n >= opts.lazyMinRows ? lazyPlan(footer) : null;
+    if (lazy) return makeLazy(src, fileName, footer, lazy, opts, performance.now() - t0);
+    const buf = await src.whole();
+    return buildDataset(buf, fileName, footer);
+  }
+
+  /** Minimum and maximum of a column chunk's statistics as numbers, or null. */
+  function chunkRange(rg, name) {
+    const c = rg.columns.find((x) => x.meta_data && x.meta_data.path_in_schema.length === 1 && x.meta_data.path_in_schema[0] === name);
+    const st = c && c.meta_data.statistics;
+    if (!st) return null;
+    const lo = st.min_value !== undefined ? st.min_value : st.min;
+    const hi = st.max_value !== undefined ? st.max_value : st.max;
+    if (lo === undefined || hi === undefined || lo === null || hi === null) return null;
+    const a = Number(lo), b = Number(hi);
+    return Number.isInteger(a) && Number.isInteger(b) && a <= b ? [a, b] : null;
+  }
+
+  /**
+   * What lazy reading needs, or null: maskvl metadata with the token and
+   * variant lists (the rows are not scanned for them), and in every row group
+   * the statistics of generation_step and layer (which keys it holds) and of
+   * token_position (how long each step's sequence is).
+   */
+  function lazyPlan(footer) {
+    const { md, meta, metaTokens } = footer;
+    if (!meta || !metaTokens || !Array.isArray(meta.variants) || !meta.variants.some((v) => typeof v === 'string')) return null;
+    const groups = [];
+    for (let g = 0; g < md.row_groups.length; g++) {
+      const rg = md.row_groups[g];
+      const rows = Number(rg.num_rows);
+      if (!rows) continue;
+      const step = chunkRange(rg, 'generation_step'), layer = chunkRange(rg, 'layer'), pos = chunkRange(rg, 'token_position');
+      // ranges far wider than any sweep mean the statistics are not usable here
+      if (!step || !layer || !pos || step[1] - step[0] > 4096 || layer[1] - layer[0] > 4096 || step[0] < 0 || pos[0] < 0) return null;
+      groups.push({ g, rows, step, layer, maxPos: pos[1] });
+    }
+    return groups.length ? { groups } : null;
+  }
+
+  /** Sorted distinct integers covered by a list of [lo, hi] ranges. */
+  function rangeValues(ranges) {
+    const set = new Set();
+    for (const [a, b] of ranges) for (let x = a; x <= b; x++) set.add(x);
+    return [...set].sort((x, y) => x - y);
+  }
+
+  /** The dataset of a lazily read file: its shape from the footer, no rows yet. */
+  function makeLazy(src, fileName, footer, plan, opts, footerMs) {
+    const { md, meta, n, colNames, metaTokens } = footer;
+    const steps = rangeValues(plan.groups.map((x) => x.step));
+    // Layers: the metadata's list where a row group covers them (a sweep may measure some layers
+    // only), else every integer the row groups' ranges cover.
+    const inRange = (l) => plan.groups.some((x) => l >= x.layer[0] && l <= x.layer[1]);
+    let layers = Array.isArray(meta.layers) ? meta.layers.filter((l) => Number.isInteger(l) && inRange(l)) : [];
+    layers = layers.length ? [...new Set(layers)].sort((x, y) => x - y) : rangeValues(plan.groups.map((x) => x.layer));
+    const listed = [...new Set(meta.variants.filter((v) => typeof v === 'string'))];
+    const variants = variantOrder(listed, listed);
+    const S = steps.length, L = layers.length, V = variants.length;
+    const stepIndex = new Map(steps.map((v, i) => [v, i]));
+    const layerIndex = new Map(layers.map((v, i) => [v, i]));
+    const variantIndex = new Map(variants.map((v, i) => [v, i]));
+    const firstAtLeast = (arr, x) => { let i = 0; while (i < arr.length && arr[i] < x) i++; return i; };
+    const lastAtMost = (arr, x) => { let i = arr.length - 1; while (i >= 0 && arr[i] > x) i--; return i; };
+    const keyGroups = Array.from({ length: S * L }, () => []);
+    const stepLen = new Int32Array(S);
+    const groups = plan.groups.map((x) => {
+      const grp = {
+        g: x.g, rows: x.rows,
+        sLo: firstAtLeast(steps, x.step[0]), sHi: lastAtMost(steps, x.step[1]),
+        lLo: firstAtLeast(layers, x.layer[0]), lHi: lastAtMost(layers, x.layer[1]),
+      };
+      for (let s = grp.sLo; s <= grp.sHi; s++) {
+        for (let l = grp.lLo; l <= grp.lHi; l++) keyGroups[s * L + l].push(grp);
+        // a group of one step gives that step's length exactly: 1 + its largest position
+        if (grp.sLo === grp.sHi) stepLen[s] = Math.max(stepLen[s], x.maxPos + 1);
+      }
+      return grp;
+    });
+    // Steps that share row groups: the metadata's tokens cover the last step's
+    // sequence, which grows by one token per step.
+    const lastStep = steps[S - 1];
+    for (let s = 0; s < S; s++) if (!stepLen[s]) stepLen[s] = Math.max(0, metaTokens.length - (lastStep - steps[s]));
+    let maxPos = -1;
+    for (let s = 0; s < S; s++) maxPos = Math.max(maxPos, stepLen[s] - 1);
+    const texts = metaTexts(metaTokens, maxPos);
+    const prompt = {
+      name: null, text: typeof meta.prompt === 'string' ? meta.prompt : null, firstRow: -1, texts, maxPos, stepLen,
+      generated: metaGenerated(meta, steps),
+    };
+    const optional = ['kl_divergence', 'target_prob_delta'].filter((c) => colNames.has(c));
+    return {
+      mode: 'lazy', fileName, src, md, meta, n,
+      steps, layers, variants, prompts: [prompt], S, L, V, P: 1,
+      optional, metrics: new Set(['l2_distance', 'cosine_distance'].concat(optional)), hasConfigPrompt: false,
+      groups, keyGroups, stepIndex, layerIndex, variantIndex,
+      // decoded row groups, least recently used first; `keep` holds the groups on screen
+      cache: new Map(), cacheBytes: 0, budget: opts.cacheBytes, keep: new Set(), inflight: new Map(),
+      viewLoads: 0, idleWaiters: [], series: new Map(), memo: new Map(),
+      timings: { footer: footerMs, parse: footerMs, read: 0, index: 0 },
+      stats: { groupsRead: 0, bytesRead: 0, readMs: 0, decodeMs: 0 },
+    };
+  }
+
+  // ------------------------------------------------------- lazy row groups
+
+  /**
+   * Read column chunks of row group g: { name: { buf, md } }, where md is a
+   * one-group metadata whose offsets point into buf, for scanFlatColumn.
+   */
+  async function readChunks(ds, g, names) {
+    const rg = ds.md.row_groups[g];
+    const out = {};
+    await Promise.all(names.map(async (name) => {
+      const chunk = rg.columns.find((c) => c.meta_data && c.meta_data.path_in_schema.length === 1 && c.meta_data.path_in_schema[0] === name);
+      if (!chunk) throw new UserError(`Column ${name} is missing from row group ${g}.`);
+      if (chunk.file_path) throw new UserError('Parquet files with external column chunks are not supported.');
+      const m = chunk.meta_data;
+      const start = Number(m.dictionary_page_offset || m.data_page_offset);
+      const end = start + Number(m.total_compressed_size);
+      if (start < 4 || end > ds.src.byteLength) throw new UserError(`Row group ${g} lies outside the file (truncated file?).`);
+      // Read from 4 bytes before the chunk (the file's leading 'PAR1' guarantees them) so that
+      // no rebased offset is 0: scanFlatColumn takes a dictionary_page_offset of 0 for absent.
+      const base = start - 4;
+      const buf = await ds.src.slice(base, end);
+      ds.stats.bytesRead += buf.byteLength;
+      const meta = { ...m, data_page_offset: Number(m.data_page_offset) - base, dictionary_page_offset: undefined };
+      if (m.dictionary_page_offset) meta.dictionary_page_offset = Number(m.dictionary_page_offset) - base;
+      const one = { schema: ds.md.schema, row_groups: [{ num_rows: rg.num_rows, columns: [{ ...chunk, meta_data: meta }] }] };
+      out[name] = { buf, md: one };
+    }));
+    return out;
+  }
+
+  /**
+   * Decode a column chunk, or reuse the decoded value of a byte-identical chunk
+   * read before: { value, hit }. Files written one row group per (step, layer)
+   * repeat the same token_position and variant chunks in every layer of a
+   * step, so a layer's positions are decoded (and held in memory) once per
+   * step. Callers must not modify the shared value.
+   */
+  function memoDecode(ds, chunk, decode) {
+    const bytes = new Uint8Array(chunk.buf);
+    const name = chunk.md.row_groups[0].columns[0].meta_data.path_in_schema[0];
+    const list = ds.memo.get(name) || [];
+    for (const m of list) {
+      if (m.bytes.length !== bytes.length) continue;
+      let same = true;
+      for (let i = 0; i < bytes.length; i++) if (m.bytes[i] !== bytes[i]) { same = false; break; }
+      if (same) return { value: m.value, hit: true };
+    }
+    const value = decode();
+    list.unshift({ bytes, value });
+    if (list.length > 4) list.pop();
+    ds.memo.set(name, list);
+    return { value, hit: false };
+  }
+
+  /** Map the ids of a categorical column to the dataset's indices (-1: not one of them). */
+  function remapIds(cat, index) {
+    return Int32Array.from(cat.values, (v) => (index.has(v) ? index.get(v) : -1));
+  }
+
+  /**
+   * Read and index row group `grp` for `metric`: an entry with the positions,
+   * the metric's values and, per local key (step, layer, variant inside the
+   * group), the rows offsets[k]..offsets[k+1] (through perm, or in file order
+   * when the rows are already sorted by key, as maskvl writes them).
+   */
+  async function readGroup(ds, grp, metric) {
+    const t0 = performance.now();
+    const names = ['token_position', 'variant', metric];
+    const mixedSteps = grp.sLo !== grp.sHi, mixedLayers = grp.lLo !== grp.lHi;
+    if (mixedSteps) names.push('generation_step');
+    if (mixedLayers) names.push('layer');
+    let chunks;
+    try {
+      chunks = await readChunks(ds, grp.g, names);
+    } catch (e) {
+      if (e instanceof UserError) throw e;
+      throw new UserError(`Could not read row group ${grp.g} of the file: ${e.message}`);
+    }
+    const t1 = performance.now();
+    const n = grp.rows;
+    const col = new Float32Array(n);
+    let pos, vIds, vMap, sIds, sMap, lIds, lMap, shared = 0;
+    try {
+      const posMemo = memoDecode(ds, chunks.token_position, () => readNumeric(chunks.token_position.buf, chunks.token_position.md, 'token_position', new Int32Array(n), -1));
+      pos = posMemo.value;
+      if (posMemo.hit) shared += pos.byteLength;
+      readNumeric(chunks[metric].buf, chunks[metric].md, metric, col, NaN);
+      const vc = memoDecode(ds, chunks.variant, () => readCategorical(chunks.variant.buf, chunks.variant.md, 'variant', n)).value;
+      vIds = vc.ids; vMap = remapIds(vc, ds.variantIndex);
+      if (mixedSteps) { const c = readCategorical(chunks.generation_step.buf, chunks.generation_step.md, 'generation_step', n); sIds = c.ids; sMap = remapIds(c, ds.stepIndex); }
+      if (mixedLayers) { const c = readCategorical(chunks.layer.buf, chunks.layer.md, 'layer', n); lIds = c.ids; lMap = remapIds(c, ds.layerIndex); }
+    } catch (e) {
+      if (e instanceof UserError) throw e;
+      throw new UserError(`Could not decode row group ${grp.g} of the file: ${e.message}`);
+    }
+    // counting sort by local key; rows of other keys (a variant the metadata does not list) go last
+    const V = ds.V, nL = grp.lHi - grp.lLo + 1;
+    const K = (grp.sHi - grp.sLo + 1) * nL * V;
+    const key = new Int32Array(n);
+    const counts = new Int32Array(K + 2);
+    let sorted = true, last = -1;
+    for (let r = 0; r < n; r++) {
+      const v = vMap[vIds[r]];
+      const s = mixedSteps ? sMap[sIds[r]] : grp.sLo;
+      const l = mixedLayers ? lMap[lIds[r]] : grp.lLo;
+      const k = v < 0 || s < 0 || l < 0 ? K : ((s - grp.sLo) * nL + (l - grp.lLo)) * V + v;
+      key[r] = k;
+      counts[k + 1]++;
+      if (k < last) sorted = false;
+      last = k;
+    }
+    for (let k = 0; k <= K; k++) counts[k + 1] += counts[k];
+    const offsets = counts; // offsets[k]..offsets[k+1]
+    let perm = null;
+    if (!sorted) {
+      perm = new Int32Array(n);
+      const fill = offsets.slice(0, K + 1);
+      for (let r = 0; r < n; r++) perm[fill[key[r]]++] = r;
+    }
+    const entry = { grp, n, pos, perm, offsets, nL, cols: { [metric]: col }, bytes: 0 };
+    entry.bytes = pos.byteLength - shared + col.byteLength + offsets.byteLength + (perm ? perm.byteLength : 0);
+    ds.stats.groupsRead++;
+    ds.stats.readMs += t1 - t0;
+    ds.stats.decodeMs += performance.now() - t1;
+    return entry;
+  }
+
+  /** Add a metric's column to a cached entry. */
+  async function readEntryColumn(ds, e, metric) {
+    const chunks = await readChunks(ds, e.grp.g, [metric]);
+    const col = new Float32Array(e.n);
+    try {
+      readNumeric(chunks[metric].buf, chunks[metric].md, metric, col, NaN);
+    } catch (err) {
+      throw new UserError(`Could not decode column ${metric} of row group ${e.grp.g}: ${err.message}`);
+    }
+    if (!e.cols[metric]) { e.cols[metric] = col; e.bytes += col.byteLength; ds.cacheBytes += col.byteLength; }
+  }
+
+  /** Put an entry in the cache (most recently used) and evict what exceeds the budget. */
+  function cachePut(ds, e) {
+    if (ds.cache.has(e.grp.g)) return;
+    ds.cache.set(e.grp.g, e);
+    ds.cacheBytes += e.bytes;
+    for (const [g, old] of ds.cache) {
+      if (ds.cacheBytes <= ds.budget) break;
+      if (ds.keep.has(g) || old === e) continue;
+      ds.cache.delete(g);
+      ds.cacheBytes -= old.bytes;
+    }
+  }
+
+  function touch(ds, e) { ds.cache.delete(e.grp.g); ds.cache.set(e.grp.g, e); }
+
+  /** A cached entry of group grp with `metric` read, loading what is missing. */
+  async function groupEntry(ds, grp, metric) {
+    let e = ds.cache.get(grp.g);
+    if (!e) {
+      let p = ds.inflight.get(grp.g);
+      if (!p) {
+        p = readGroup(ds, grp, metric).then((x) => { cachePut(ds, x); return x; });
+        ds.inflight.set(grp.g, p);
+        p.then(() => ds.inflight.delete(grp.g), () => ds.inflight.delete(grp.g));
+      }
+      e = await p;
+      if (!ds.cache.has(grp.g)) cachePut(ds, e); // evicted while another caller waited
+    }
+    if (!e.cols[metric]) {
+      const key = grp.g + '|' + metric;
+      let p = ds.inflight.get(key);
+      if (!p) {
+        p = readEntryColumn(ds, e, metric);
+        ds.inflight.set(key, p);
+        p.then(() => ds.inflight.delete(key), () => ds.inflight.delete(key));
+      }
+      await p;
+    }
+    touch(ds, e);
+    return e;
+  }
+
+  // -------------------------------------------- one interface, both modes
+
+  /** Whether the file has this metric column. */
+  function hasMetric(ds, metric) {
+    if (ds.mode === 'lazy') return ds.metrics.has(metric);
+    return !!(ds.columns[metric] || ds.pending[metric]);
+  }
+
+  /** True when every (step, layer) of `pairs` ([{s, l}]) can be drawn now for `metric`. */
+  function isReady(ds, pairs, metric) {
+    if (ds.mode !== 'lazy') return true;
+    for (const { s, l } of pairs) {
+      for (const grp of ds.keyGroups[s * ds.L + l]) {
+        const e = ds.cache.get(grp.g);
+        if (!e || !e.cols[metric]) return false;
+      }
+    }
+    return true;
+  }
+
+  /**
+   * Load what drawing `pairs` for `metric` needs (lazy files; a no-op for
+   * files read whole). The groups of these pairs become the ones on screen:
+   * they are never evicted while they are.
+   */
+  async function ensure(ds, pairs, metric) {
+    if (ds.mode !== 'lazy') return;
+    const grps = [];
+    for (const { s, l } of pairs) for (const grp of ds.keyGroups[s * ds.L + l]) if (!grps.includes(grp)) grps.push(grp);
+    ds.keep = new Set(grps.map((x) => x.g));
+    ds.viewLoads++;
+    try {
+      await Promise.all(grps.map((grp) => groupEntry(ds, grp, metric)));
+    } finally {
+      ds.viewLoads--;
+      if (!ds.viewLoads) { const w = ds.idleWaiters.splice(0); for (const f of w) f(); }
+    }
+  }
+
+  /** Resolves when no view is waiting for a load (background work yields to views). */
+  function viewsIdle(ds) {
+    return new Promise((resolve) => {
+      const go = () => setTimeout(resolve, 0);
+      if (ds.mode !== 'lazy' || !ds.viewLoads) go(); else ds.idleWaiters.push(go);
+    });
+  }
+
+  /**
+   * The row ranges holding (prompt p, step s, layer l, variant v): a list of
+   * { pos, col, perm, lo, hi }; row r = perm ? perm[j] : j for j in lo..hi-1
+   * has position pos[r] and value col[r]. Call when isReady.
+   */
+  function segments(ds, p, s, l, v, metric) {
+    if (ds.mode !== 'lazy') {
+      const col = metricColumn(ds, metric);
+      const k = ((p * ds.S + s) * ds.L + l) * ds.V + v;
+      return col ? [{ pos: ds.pos, col, perm: ds.perm, lo: ds.offsets[k], hi: ds.offsets[k + 1] }] : [];
+    }
+    const out = [];
+    for (const grp of ds.keyGroups[s * ds.L + l]) {
+      const e = ds.cache.get(grp.g);
+      if (!e || !e.cols[metric]) continue;
+      out.push(entrySegment(ds, e, s, l, v, metric));
+    }
+    return out;
+  }
+
+  function entrySegment(ds, e, s, l, v, metric) {
+    const k = ((s - e.grp.sLo) * e.nL + (l - e.grp.lLo)) * ds.V + v;
+    return { pos: e.pos, col: e.cols[metric], perm: e.perm, lo: e.offsets[k], hi: e.offsets[k + 1] };
+  }
+
+  // --------------------------------------------------- background reading
+
+  /**
+   * After a view is drawn: read more row groups while the page is idle. First
+   * the neighbouring layers and steps of the view (the arrow keys' next
+   * targets), then every other group, nearest layers first, as long as the
+   * cache has room without evicting anything: when the whole file fits, every
+   * key is then instant (ds.allLoaded). Groups of millions of rows (files of
+   * one row group per step) are left to be read when asked: decoding one
+   * holds up the page's thread for seconds. Yields to view loads between
+   * groups; stops when isCurrent() turns false. Resolves true when it read
+   * all it meant to.
+   */
+  const PREFETCH_MAX_ROWS = 2000000;
+
+  async function prefetch(ds, s, l, metric, isCurrent) {
+    if (ds.mode !== 'lazy') return true;
+    const order = [];
+    const add = (ss, ll) => {
+      if (ss < 0 || ll < 0 || ss >= ds.S || ll >= ds.L) return;
+      for (const grp of ds.keyGroups[ss * ds.L + ll]) if (!order.includes(grp)) order.push(grp);
+    };
+    add(s, l + 1); add(s, l - 1); add(s + 1, l); add(s - 1, l);
+    const near = order.length;
+    for (let d = 2; d < ds.L; d++) { add(s, l + d); add(s, l - d); }
+    for (let ss = 0; ss < ds.S; ss++) for (let d = 0; d < ds.L; d++) { add(ss, l + d); add(ss, l - d); }
+    let complete = true;
+    for (let i = 0; i < order.length; i++) {
+      const grp = order[i];
+      const e = ds.cache.get(grp.g);
+      if (e && e.cols[metric]) continue;
+      if (grp.rows > PREFETCH_MAX_ROWS) { complete = false; continue; }
+      // beyond the neighbours, only into free room (at least the metric's 4 bytes a row;
+      // the positions are often shared with a group read before)
+      if (i >= near && ds.cacheBytes + grp.rows * 4 > ds.budget) { complete = false; break; }
+      await viewsIdle(ds);
+      if (!isCurrent()) return false;
+      await groupEntry(ds, grp, metric);
+    }
+    if (complete && isCurrent() && ds.groups.every((x) => ds.cache.has(x.g))) ds.allLoaded = true;
+    return true;
+  }
+
+  /**
+   * Values of one (variant, metric) at every (step, layer) and position, for
+   * the pinned token's chart: { vals (Float32Array [S, L, nPos], NaN = not
+   * read), done (Uint8Array [S, L]), remaining }. Files read whole fill it at
+   * once; lazy files from the cache, then `fill` reads the other row groups
+   * one at a time without caching them (calling onProgress after each).
+   */
+  function pinSeries(ds, p, v, metric) {
+    const nPos = ds.prompts[p].maxPos + 1;
+    const id = `${p}|${v}|${metric}`;
+    let ser = ds.mode === 'lazy' ? ds.series.get(id) : null;
+    if (!ser) {
+      ser = {
+        id, p, v, metric, nPos, vals: new Float32Array(ds.S * ds.L * nPos).fill(NaN), done: new Uint8Array(ds.S * ds.L),
+        got: new Uint8Array(ds.S * ds.L), remaining: ds.S * ds.L, filling: false,
+      };
+      if (ds.mode === 'lazy') {
+        // one series at a time is kept (7 MB for 36 layers, 3 steps and 16k positions)
+        ds.series.clear();
+        ds.series.set(id, ser);
+      }
+    }
+    for (let s = 0; s < ds.S; s++) {
+      for (let l = 0; l < ds.L; l++) {
+        if (ser.done[s * ds.L + l] || !isReady(ds, [{ s, l }], metric)) continue;
+        for (const sg of segments(ds, p, s, l, v, metric)) seriesTake(ser, s * ds.L + l, sg);
+        ser.done[s * ds.L + l] = 1;
+        ser.remaining--;
+      }
+    }
+    return ser;
+  }
+
+  function seriesTake(ser, sl, sg) {
+    const { pos, col, perm, lo, hi } = sg;
+    const base = sl * ser.nPos;
+    for (let j = lo; j < hi; j++) {
+      const r = perm ? perm[j] : j;
+      const q = pos[r];
+      if (q < ser.nPos) ser.vals[base + q] = col[r];
+    }
+  }
+
+  /** Read the row groups a lazy series still lacks (see pinSeries). */
+  async function fillSeries(ds, ser, isCurrent, onProgress) {
+    if (ser.filling || !ser.remaining) return;
+    ser.filling = true;
+    ser.got.fill(0); // groups read per key in this pass (a key may span several groups)
+    try {
+      for (const grp of ds.groups) {
+        const keys = [];
+        for (let s = grp.sLo; s <= grp.sHi; s++) for (let l = grp.lLo; l <= grp.lHi; l++) if (!ser.done[s * ds.L + l]) keys.push([s, l]);
+        if (!keys.length) continue;
+        await viewsIdle(ds);
+        if (!isCurrent()) return;
+        const cached = ds.cache.get(grp.g);
+        const e = cached && cached.cols[ser.metric] ? cached : await readGroup(ds, grp, ser.metric);
+        if (!cached && ds.cacheBytes + e.bytes <= ds.budget) cachePut(ds, e);
+        for (const [s, l] of keys) {
+          const sl = s * ds.L + l;
+          seriesTake(ser, sl, entrySegment(ds, e, s, l, ser.v, ser.metric));
+          // a key held by several groups is complete when all of them were read
+          if (++ser.got[sl] === ds.keyGroups[sl].length) { ser.done[sl] = 1; ser.remaining--; }
+        }
+        if (isCurrent()) onProgress();
+      }
+    } finally {
+      ser.filling = false;
     }
   }
 
@@ -394,5 +943,8 @@
     return { p, images, posImg, posCell, textPositions, totalCells: cellBase, msg };
   }
 
-  mv.data = { buildDataset, metricColumn, loadInBackground, loadPromptTexts, buildLayout };
+  mv.data = {
+    fileSource, bufferSource, openDataset, buildDataset, metricColumn, loadInBackground, loadPromptTexts, buildLayout,
+    hasMetric, isReady, ensure, segments, prefetch, pinSeries, fillSeries,
+  };
 })(window.maskvl = window.maskvl || {});

@@ -83,25 +83,25 @@
     app.views.b = app.state.compare === 'off' ? null : buildView($('view-b'), 'b');
   }
 
-  function keyOf(p, s, l, v) { return ((p * app.ds.S + s) * app.ds.L + l) * app.ds.V + v; }
-
-  /** Fill a view's value buffers for (step, layer, variant); returns row count. */
-  function gather(v, s, l, vi, col) {
+  /** Fill a view's value buffers for (step, layer, variant) and metric; returns the row count. */
+  function gather(v, s, l, vi, metric) {
     v.imageVals.fill(NaN);
     v.textVals.fill(NaN);
-    const k = keyOf(app.state.prompt, s, l, vi);
-    const lo = app.ds.offsets[k], hi = app.ds.offsets[k + 1];
-    const perm = app.ds.perm, pos = app.ds.pos, posImg = app.layout.posImg, posCell = app.layout.posCell, nPos = posImg.length;
-    for (let j = lo; j < hi; j++) {
-      const r = perm[j];
-      const q = pos[r];
-      if (q >= nPos) continue;
-      const c = posCell[q];
-      if (c < 0) continue;
-      if (posImg[q] >= 0) v.imageVals[c] = col[r];
-      else v.textVals[c] = col[r];
+    const posImg = app.layout.posImg, posCell = app.layout.posCell, nPos = posImg.length;
+    let rows = 0;
+    for (const { pos, col, perm, lo, hi } of mv.data.segments(app.ds, app.state.prompt, s, l, vi, metric)) {
+      for (let j = lo; j < hi; j++) {
+        const r = perm ? perm[j] : j;
+        const q = pos[r];
+        if (q >= nPos) continue;
+        const c = posCell[q];
+        if (c < 0) continue;
+        if (posImg[q] >= 0) v.imageVals[c] = col[r];
+        else v.textVals[c] = col[r];
+      }
+      rows += hi - lo;
     }
-    return hi - lo;
+    return rows;
   }
 
   /**
@@ -354,7 +354,7 @@
 
   // --------------------------------------------------------- heads panel
 
-  function drawHeads(col) {
+  function drawHeads(metric) {
     const panel = $('heads-panel');
     panel.hidden = false;
     const heads = [];
@@ -367,7 +367,7 @@
     }
     const s = app.state.step, l = app.state.layer;
     const tmp = { imageVals: new Float32Array(app.layout.totalCells), textVals: new Float32Array(app.layout.textPositions.length) };
-    const vals = heads.map((vi) => { gather(tmp, s, l, vi, col); return { img: tmp.imageVals.slice(), txt: tmp.textVals.slice() }; });
+    const vals = heads.map((vi) => { gather(tmp, s, l, vi, metric); return { img: tmp.imageVals.slice(), txt: tmp.textVals.slice() }; });
     const signed = currentMetricInfo().signed;
     const scI = makeScale(vals.map((x) => x.img), excludedCells(), signed, app.state.scaling === 'percentile' ? 'linear' : app.state.scaling);
     const scT = makeScale(vals.map((x) => x.txt), null, signed, app.state.scaling === 'percentile' ? 'linear' : app.state.scaling);
@@ -498,7 +498,7 @@
   }
 
   mv.grid = {
-    rebuildViews, keyOf, gather, makeScale, scaleNote, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
+    rebuildViews, gather, makeScale, scaleNote, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
     viewParams, viewTitle, statsLine, drawColourbar, hideTip, moveTip, drawHeads, exportName, exportPNG,
   };
 })(window.maskvl = window.maskvl || {});
