@@ -37,7 +37,7 @@ VIEWER_DIR = _PKG.parent / "viewer" if (_PKG.parent / "viewer" / "index.html").i
 _CSS_TAG = '<link rel="stylesheet" href="viewer.css">'
 _VENDOR_TAG = '<script src="vendor/hyparquet.js"></script>'
 _SCRIPT_TAG_RE = re.compile(r'<script src="([A-Za-z0-9_./-]+\.js)"></script>')
-_CSP_SCRIPT_SRC = "script-src 'self' 'unsafe-inline'"
+_CSP_SCRIPT_SRC = "script-src 'self' 'unsafe-inline' 'wasm-unsafe-eval'"
 
 # Image types a browser shows in <img>/canvas, by magic bytes. SVG is left out
 # on purpose: it is a document that can carry script.
@@ -216,7 +216,8 @@ def write_page(
     )
     # Only the inline scripts may run: allow them by hash rather than by
     # 'unsafe-inline', so even an injected inline handler could not run.
-    csp_scripts = "script-src " + " ".join(_csp_hash(body) for _, body in scripts)
+    # 'wasm-unsafe-eval' lets the bundled zstd decoder compile its WebAssembly.
+    csp_scripts = "script-src " + " ".join(_csp_hash(body) for _, body in scripts) + " 'wasm-unsafe-eval'"
     replacements = [(_CSS_TAG, f"<style>{css}</style>"), (_CSP_SCRIPT_SRC, csp_scripts)]
     for tag, body in scripts:
         # The data blocks go before the reader, so they exist when the viewer starts.

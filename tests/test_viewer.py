@@ -459,6 +459,8 @@ def test_write_page_self_contained(viewer, two_images, tmp_path):
     v.page.wait_for_function("() => window.maskvlViewer.imagesLoaded().filter(Boolean).length === 2")
     st = v.page.evaluate("() => ({...window.maskvlViewer.state})")
     assert (st["layer"], st["step"], st["metric"], st["scaling"]) == (2, 1, "cosine_distance", "sqrt")
+    # the page's CSP lets the WebAssembly zstd decoder run (and nothing else)
+    assert v.page.evaluate("() => window.maskvlViewer.zstdDecoder()") == "wasm"
     assert v.page.evaluate("() => window.maskvlViewer.dataset.variants[window.maskvlViewer.state.variant]") == "Head_2"
     assert len(v.page.query_selector_all("#view-a .image-block canvas")) == 2
     # the embedded images are drawn under the heatmap
@@ -477,6 +479,28 @@ def test_write_page_self_contained(viewer, two_images, tmp_path):
     out2 = write_page(two_images.path, out, images=[])
     assert out2 == out and "data:image/png;base64," not in out.read_text()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@needs_chromium
+def test_zstd_without_webassembly(viewer, two_images, tmp_path):
+    # A page whose CSP forbids WebAssembly: the pure-JS decoder reads the (zstd) file instead.
+    text = write_page(two_images.path, tmp_path / "page.html", images=[]).read_text()
+    csp = " 'wasm-unsafe-eval'; style-src"  # the end of the CSP's script-src
+    assert text.count(csp) == 1
+    strict = tmp_path / "strict.html"
+    strict.write_text(text.replace(csp, "; style-src"))
+    v = viewer(bypass_csp=False).goto(strict.as_uri())
+    v.page.wait_for_selector("#status:not(:empty)")
+    assert v.page.evaluate("() => window.maskvlViewer.zstdDecoder()") == "js"
+    got = v.page.evaluate("() => window.maskvlViewer.currentValues()")
+    want = two_images.values(0, 0, "Full", "l2_distance")
+    for im in got["images"]:
+        np.testing.assert_allclose(np.array(got["image"][im["cellBase"]:im["cellBase"] + im["count"]], dtype=float),
+                                   want[im["start"]:im["start"] + im["count"]], rtol=1e-6)
+    # the viewer page opened from disk uses the WebAssembly decoder
+    v2 = viewer().goto()
+    v2.open(two_images.path)
+    assert v2.page.evaluate("window.maskvlViewer.zstdDecoder()") == "wasm"
 
 
 def test_write_page_errors(tmp_path, two_images):
@@ -631,7 +655,7 @@ def test_viewer_sources_are_safe_and_classic():
     bundle = (REPO / "viewer" / "vendor" / "hyparquet.js").read_text()
     assert re.search(r"^\s*(import|export)\s", bundle, re.M) is None  # classic script, no modules
     assert bundle.lstrip().startswith("/*") and "var hyparquet=" in bundle
-    for name in ("LICENSE-hyparquet", "LICENSE-fzstd", "build.sh", "package.json", "package-lock.json"):
+    for name in ("LICENSE-hyparquet", "LICENSE-fzstd", "LICENSE-zstddec", "build.sh", "package.json", "package-lock.json"):
         assert (REPO / "viewer" / "vendor" / name).is_file()
     html_ = (REPO / "viewer" / "index.html").read_text()
     assert "http://" not in html_ and "https://" not in html_ and 'type="module"' not in html_

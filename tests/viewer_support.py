@@ -307,8 +307,8 @@ def make_large_file(
     rows sorted by (step, layer, variant, position). `group_by="step_layer"` writes
     one row group per (step, layer); `"step"` one per step (the writer's older
     layout). The defaults (a 128x128 image, 36 layers, Full + Attn + 32 heads +
-    Logits, 3 steps) give ~62 million rows. Value of (step, layer, variant,
-    position): `value_of` in the returned dict, so a test can check any cell.
+    Logits, 3 steps) give ~62 million rows. The returned dict's `values(step,
+    layer, variant)` gives the l2_distance of every position, for checks.
     """
     rng = np.random.default_rng(seed)
     tokens = large_file_tokens(grid)
@@ -355,9 +355,10 @@ def make_large_file(
         out[start:start + rows_ * cols_] += 2.0 * np.exp(-d2 / (2 * (rows_ / 8) ** 2))
         return out
 
-    def value_of(step: int, layer: int, variant: str, pos: int) -> float:
-        b = blob(layer)[pos]
-        return float(np.float32(b * (1 + 0.05 * layer) * var_gain[variants.index(variant)] * (1 + 0.01 * step)))
+    def values(step: int, layer: int, variant: str) -> np.ndarray:
+        """l2_distance by position at (step, layer, variant), as written (float32)."""
+        b = blob(layer)[:t0 + step]
+        return (b * (1 + 0.05 * layer) * var_gain[variants.index(variant)] * (1 + 0.01 * step)).astype(np.float32)
 
     vocab_arr = pa.array(vocab, pa.string())
     var_arr = pa.array(variants, pa.string())
@@ -412,7 +413,7 @@ def make_large_file(
             if group_by == "step":
                 table = pa.concat_tables(tables)
                 writer.write_table(table, row_group_size=table.num_rows)
-    return {"path": pathlib.Path(path), "rows": n_rows, "meta": meta, "variants": variants, "value_of": value_of,
+    return {"path": pathlib.Path(path), "rows": n_rows, "meta": meta, "variants": variants, "values": values,
             "prompt_len": t0}
 
 
@@ -538,3 +539,58 @@ def set_view(v: Viewer, **kw) -> None:
     v.page.evaluate("""(kw) => { const mv = window.maskvlViewer, st = mv.state;
         for (const [k, x] of Object.entries(kw)) st[k] = k === 'variant' ? mv.dataset.variants.indexOf(x) : x;
         mv.render(); return mv.whenDrawn(); }""", kw)
+
+
+KEYS_TO_DRAWN_JS = """async (keys) => {
+  // Per key: dispatch it, then wait until its view is drawn (row groups read if needed);
+  // timed in-page with performance.now(). A short pause between keys, as between real presses.
+  const mv = window.maskvlViewer, out = [];
+  for (const key of keys) {
+    const t = performance.now();
+    document.dispatchEvent(new KeyboardEvent('keydown', { key, bubbles: true }));
+    await mv.whenDrawn();
+    out.push(performance.now() - t);
+    await new Promise((r) => setTimeout(r, 30));
+  }
+  return out;
+}"""
+
+
+def keys_to_drawn_ms(v: Viewer, keys: list[str]) -> list[float]:
+    """Milliseconds from each key press to its view drawn (see KEYS_TO_DRAWN_JS)."""
+    return v.page.evaluate(KEYS_TO_DRAWN_JS, keys)
+
+
+def renderer_memory_mb(browser) -> dict:
+    """Memory of the browser's renderer processes: {"rss_max_mb": ..} (Linux /proc; {} elsewhere).
+
+    The renderers are found with CDP SystemInfo.getProcessInfo; the page's own is among them, so the
+    largest resident set is an upper bound for it (typed arrays live outside the JS heap, so
+    Performance.getMetrics' JSHeapUsedSize does not show them).
+    """
+    cdp = browser.new_browser_cdp_session()
+    try:
+        procs = cdp.send("SystemInfo.getProcessInfo")["processInfo"]
+    finally:
+        cdp.detach()
+    rss = []
+    for p in procs:
+        if p.get("type") != "renderer":
+            continue
+        try:
+            with open(f"/proc/{p['id']}/status") as fh:
+                rss += [int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:")]
+        except OSError:
+            continue
+    return {"rss_max_mb": max(rss)} if rss else {}
+
+
+def js_heap_used_mb(v: Viewer) -> float:
+    """CDP Performance.getMetrics JSHeapUsedSize of the page, in MiB."""
+    cdp = v.ctx.new_cdp_session(v.page)
+    try:
+        cdp.send("Performance.enable")
+        metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    finally:
+        cdp.detach()
+    return metrics["JSHeapUsedSize"] / 2**20

@@ -165,11 +165,15 @@
 
   let firstLoad = true;
   let openId = 0;
+  // The WebAssembly zstd decoder loads at start-up (a few ms); files wait for it, or
+  // for its failure (then the pure-JS decoder reads them).
+  let zstdReady = Promise.resolve(false);
   async function loadSource(src, name, t0) {
     const id = ++openId;
     mv.controls.clearError();
     let next;
     try {
+      await zstdReady;
       next = await mv.data.openDataset(src, name, config);
     } catch (e) {
       if (id !== openId) return false;
@@ -269,12 +273,14 @@
       mv.controls.showError('The Parquet reader (vendor/hyparquet.js) did not load; keep the viewer folder together.');
       return;
     }
+    zstdReady = hyparquet.initZstd();
     loadEmbedded();
   }
 
   // Test and automation hook (read-only use: state, timings, export).
   window.maskvlViewer = {
     loadBuffer, exportPNG: () => mv.grid.exportPNG(), perf: app.perf, state: app.state, config, whenDrawn,
+    zstdDecoder: () => hyparquet.zstdDecoder(),
     get dataset() { return app.ds; },
     get layout() { return app.layout; },
     render, statusText: () => (app.ds ? statusText() : ''),
