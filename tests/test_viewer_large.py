@@ -107,16 +107,18 @@ def test_sixty_two_million_rows(viewer, browser, sixty_two_million):
     seen["first_grid_ms"] = round(load["totalMs"])
     assert load["mode"] == "lazy" and load["rows"] == md.num_rows
     _check_grid(v, f, 0, 0, "Full")
-    # changing layer (and step): the row groups of the new view are read and drawn
-    cold = [v.page.evaluate(JUMP_JS, [layer, step]) for layer, step in
-            [(1, None), (17, None), (35, None), (8, 2), (9, None), (30, 1)]]
-    seen["cold_change_ms"] = [round(x) for x in cold]
-    _check_grid(v, f, 1, 30, "Full")
-    cold += keys_to_drawn_ms(v, ["ArrowLeft", "ArrowUp"])  # real keys, groups not read yet
-    seen["cold_keys_ms"] = [round(x) for x in cold[-2:]]
+    # changing layer: the row groups of the new view are read and drawn
+    cold = [v.page.evaluate(JUMP_JS, [layer, None]) for layer in (1, 17, 35, 8, 9, 30)]
+    cold += keys_to_drawn_ms(v, ["ArrowLeft", "ArrowRight", "ArrowRight"])  # real keys: layers 29, 30 (cached), 31
+    seen["cold_layer_ms"] = [round(x) for x in cold]
+    _check_grid(v, f, 0, 31, "Full")
+    # changing step: the new step's positions are decoded too (once per step)
+    steps = [v.page.evaluate(JUMP_JS, [20, 2])] + keys_to_drawn_ms(v, ["ArrowUp"])
+    seen["cold_step_ms"] = [round(x) for x in steps]
+    _check_grid(v, f, 1, 20, "Full")
     # a variant of the same (step, layer): no read at all
     seen["variant_ms"] = [round(x) for x in keys_to_drawn_ms(v, ["v", "v", "V"])]
-    _check_grid(v, f, 0, 29, "Attn")  # Full -> Attn -> Head_0 -> Attn
+    _check_grid(v, f, 1, 20, "Attn")  # Full -> Attn -> Head_0 -> Attn
     seen["heap_mb_cold"] = round(js_heap_used_mb(v))
     # now read ahead while idle: the whole file's l2 fits the cache (positions shared per step)
     v.page.evaluate("""() => { const mv = window.maskvlViewer; mv.config.prefetch = true; mv.render(); }""")
@@ -139,15 +141,18 @@ def test_sixty_two_million_rows(viewer, browser, sixty_two_million):
     variant = f["variants"][st["variant"]]
     want = np.array([[f["values"](s, layer, variant)[q] for layer in range(36)] for s in range(3)])
     np.testing.assert_allclose(series, want, rtol=1e-6)
-    # another metric: read on demand for the groups shown
-    seen["metric_switch_ms"] = [round(x) for x in keys_to_drawn_ms(v, ["m", "ArrowRight"])]
+    press_all(v, ["Escape"])
+    # another metric: its column is read on demand for the groups shown
+    seen["metric_switch_ms"] = [round(x) for x in keys_to_drawn_ms(v, ["m", "ArrowRight", "ArrowRight"])]
     seen["heap_mb"] = round(js_heap_used_mb(v))
     seen.update({k: round(x) for k, x in renderer_memory_mb(browser).items()})
     print("\n62M-row viewer:", json.dumps(seen))
     # goals: first grid under 2 s, a change of layer under 300 ms, memory under 1 GB
     assert seen["first_grid_ms"] < 2000, seen
     assert seen["open_wall_s"] < 3, seen  # from the file picker to the first grid, round trips included
+    # every change of layer under 300 ms, all but the one to a cached layer read from the file
     assert max(cold) < 300, seen
+    assert max(steps) < 600, seen
     assert max(seen["variant_ms"]) < 100, seen
     assert max(warm) < 50, seen
     assert max(seen["metric_switch_ms"]) < 300, seen

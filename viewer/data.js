@@ -3,10 +3,21 @@
  * index the views draw from, and the layout of token positions (image cell or
  * text chip). Depends on window.hyparquet (vendor/hyparquet.js) and util.js.
  *
- * Load: read only the needed columns with hyparquet.scanFlatColumn into typed
- * arrays (categorical columns become small integer ids, INT64 is converted
- * once), then build ONE index: a counting sort of the row ids by key
- * (prompt, step, layer, variant) -> offsets[key]..offsets[key+1] in perm.
+ * Two ways to read a file (openDataset picks one):
+ *  - Whole (files under ~4M rows, the prototype's files, files without the
+ *    metadata or statistics below): read only the needed columns with
+ *    hyparquet.scanFlatColumn into typed arrays (categorical columns become
+ *    small integer ids, INT64 is converted once), then build ONE index: a
+ *    counting sort of the row ids by key (prompt, step, layer, variant) ->
+ *    offsets[key]..offsets[key+1] in perm. Every key is then instant.
+ *  - Lazy (large maskvl files): the footer only, then the row groups that hold
+ *    the (step, layer) on screen, found by their generation_step / layer
+ *    statistics and read from the File by slices, each indexed the same way.
+ *    A cache of decoded groups (least recently used out) and reading ahead
+ *    while idle keep the arrow keys instant; the token and variant lists come
+ *    from the maskvl metadata.
+ * Both are used through one interface: hasMetric, isReady, ensure, segments,
+ * pinSeries.
  */
 (function (mv) {
   'use strict';
@@ -350,6 +361,10 @@
 
   // ------------------------------------------------------------ byte sources
 
+  // Row groups of more rows than this are only read when a view asks for them
+  // (see prefetch and memoDecode).
+  const PREFETCH_MAX_ROWS = 2000000;
+
   /**
    * Where a file's bytes come from, in the shape of hyparquet's AsyncBuffer
    * (byteLength, slice(start, end) -> Promise<ArrayBuffer>) plus whole(): a
@@ -395,7 +410,7 @@
   // -------------------------------------------------- opening: whole or lazy
 
   /**
-   * Open a file for viewing. Files of up to `opts.lazyMinRows` rows, and files
+   * Open a file for viewing. Files of fewer than `opts.lazyMinRows` rows, and files
    * without what on-demand reading needs, are read whole at once (every key is
    * then instant). Larger maskvl files are read lazily: the footer now, then
    * the row groups of the (step, layer) on screen when asked (see ensure),
@@ -546,6 +561,9 @@
    * step. Callers must not modify the shared value.
    */
   function memoDecode(ds, chunk, decode) {
+    // only for groups of the size read ahead: a few decoded values of million-row groups
+    // would hold hundreds of MB beyond the cache's budget
+    if (Number(chunk.md.row_groups[0].num_rows) > PREFETCH_MAX_ROWS) return { value: decode(), hit: false };
     const bytes = new Uint8Array(chunk.buf);
     const name = chunk.md.row_groups[0].columns[0].meta_data.path_in_schema[0];
     const list = ds.memo.get(name) || [];
@@ -635,15 +653,21 @@
     return entry;
   }
 
-  /** Add a metric's column to a cached entry. */
-  async function readEntryColumn(ds, e, metric) {
-    const chunks = await readChunks(ds, e.grp.g, [metric]);
-    const col = new Float32Array(e.n);
+  /** A metric's column of row group g (n rows) as a Float32Array, nulls as NaN. */
+  async function readColumn(ds, g, metric, n) {
+    const chunks = await readChunks(ds, g, [metric]);
+    const col = new Float32Array(n);
     try {
       readNumeric(chunks[metric].buf, chunks[metric].md, metric, col, NaN);
     } catch (err) {
-      throw new UserError(`Could not decode column ${metric} of row group ${e.grp.g}: ${err.message}`);
+      throw new UserError(`Could not decode column ${metric} of row group ${g}: ${err.message}`);
     }
+    return col;
+  }
+
+  /** Add a metric's column to a cached entry. */
+  async function readEntryColumn(ds, e, metric) {
+    const col = await readColumn(ds, e.grp.g, metric, e.n);
     if (!e.cols[metric]) { e.cols[metric] = col; e.bytes += col.byteLength; ds.cacheBytes += col.byteLength; }
   }
 
@@ -774,8 +798,6 @@
    * groups; stops when isCurrent() turns false. Resolves true when it read
    * all it meant to.
    */
-  const PREFETCH_MAX_ROWS = 2000000;
-
   async function prefetch(ds, s, l, metric, isCurrent) {
     if (ds.mode !== 'lazy') return true;
     const order = [];
@@ -859,12 +881,20 @@
         if (!keys.length) continue;
         await viewsIdle(ds);
         if (!isCurrent()) return;
-        const cached = ds.cache.get(grp.g);
-        const e = cached && cached.cols[ser.metric] ? cached : await readGroup(ds, grp, ser.metric);
-        if (!cached && ds.cacheBytes + e.bytes <= ds.budget) cachePut(ds, e);
+        // a cached group lacks at most the metric's column: read only that (kept if there is room)
+        let e = ds.cache.get(grp.g), col = e && e.cols[ser.metric];
+        if (e && !col) {
+          if (ds.cacheBytes + e.n * 4 <= ds.budget) { await readEntryColumn(ds, e, ser.metric); col = e.cols[ser.metric]; }
+          else col = await readColumn(ds, grp.g, ser.metric, e.n);
+        } else if (!e) {
+          e = await readGroup(ds, grp, ser.metric);
+          col = e.cols[ser.metric];
+          if (ds.cacheBytes + e.bytes <= ds.budget) cachePut(ds, e);
+        }
+        const view = { ...e, cols: { [ser.metric]: col } };
         for (const [s, l] of keys) {
           const sl = s * ds.L + l;
-          seriesTake(ser, sl, entrySegment(ds, e, s, l, ser.v, ser.metric));
+          seriesTake(ser, sl, entrySegment(ds, view, s, l, ser.v, ser.metric));
           // a key held by several groups is complete when all of them were read
           if (++ser.got[sl] === ds.keyGroups[sl].length) { ser.done[sl] = 1; ser.remaining--; }
         }
