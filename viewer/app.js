@@ -6,7 +6,7 @@
 (function (mv) {
   'use strict';
 
-  const { $, UserError, METRICS, LUT_IMAGE, LUT_TEXT, LUT_DIV } = mv.util;
+  const { $, UserError, LUT_IMAGE, LUT_TEXT, LUT_DIV } = mv.util;
   const app = mv.app;
 
   // Render requests. A lazily read file may need row groups that are not in
@@ -14,7 +14,7 @@
   // them, and draws when they arrive, unless a newer request came first. The
   // previous drawing stays until then.
   let requestId = 0;     // the latest request
-  let pending = null;    // { id, t0 } of a request waiting for data, or null
+  let pending = null;    // { t0 } while the latest request waits for data (t0: when the wait began)
   let drawnWaiters = []; // resolve functions of whenDrawn()
   let lastDrawn = null;  // the dataset drawn last
 
@@ -46,8 +46,9 @@
       if (id === requestId && app.ds === ds) render();
     }, (e) => {
       if (app.ds !== ds) return;
-      pending = null;
       mv.controls.showError(e instanceof UserError ? e.message : 'Could not read the file: ' + (e && e.message));
+      if (id !== requestId) return; // a newer request is under way
+      pending = null;
       settle(null);
     });
   }

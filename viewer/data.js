@@ -668,7 +668,10 @@
   /** Add a metric's column to a cached entry. */
   async function readEntryColumn(ds, e, metric) {
     const col = await readColumn(ds, e.grp.g, metric, e.n);
-    if (!e.cols[metric]) { e.cols[metric] = col; e.bytes += col.byteLength; ds.cacheBytes += col.byteLength; }
+    if (e.cols[metric]) return;
+    e.cols[metric] = col;
+    e.bytes += col.byteLength;
+    if (ds.cache.get(e.grp.g) === e) ds.cacheBytes += col.byteLength;
   }
 
   /** Put an entry in the cache (most recently used) and evict what exceeds the budget. */
@@ -709,7 +712,7 @@
       }
       await p;
     }
-    touch(ds, e);
+    if (ds.cache.get(grp.g) === e) touch(ds, e); else cachePut(ds, e);
     return e;
   }
 
