@@ -15,11 +15,11 @@ import pytest
 
 try:  # tests/ as a package (repo root on sys.path) or as a plain folder (pytest's prepend mode)
     from tests.viewer_support import (  # noqa: F401  (browser, viewer: fixtures)
-        SynthFile, Viewer, browser, make_maskvl_file, needs_chromium, press_all, set_view, viewer,
+        SynthFile, VIEWER_INDEX, Viewer, browser, make_maskvl_file, needs_chromium, press_all, set_view, viewer,
     )
 except ImportError:
     from viewer_support import (  # type: ignore[no-redef]  # noqa: F401
-        SynthFile, Viewer, browser, make_maskvl_file, needs_chromium, press_all, set_view, viewer,
+        SynthFile, VIEWER_INDEX, Viewer, browser, make_maskvl_file, needs_chromium, press_all, set_view, viewer,
     )
 
 LAYOUTS = ["step_layer", "step", 700]
@@ -88,6 +88,18 @@ def test_lazy_views_equal_the_file(viewer, layout_file):
     # all heads: drawn from the same groups as the view
     set_view(v, heads=True, variant="Head_1")
     assert len(v.page.query_selector_all("#heads-grid .head-tile")) == 3
+
+
+@needs_chromium
+def test_lazy_first_view_from_the_url_hash(viewer, layout_file):
+    f = layout_file
+    v = viewer().goto(VIEWER_INDEX.as_uri() + "#step=2&layer=3&variant=Head_2&metric=cosine&cmp=layer:4")
+    open_lazy(v, f.path, cache_bytes=1, prefetch=False)
+    st = v.state()
+    assert (st["step"], st["layer"], st["metric"], st["compare"], st["compareWith"]) == (2, 3, "cosine_distance", "layer", 4)
+    assert_view_is(v, f, 2, 3, "Head_2", "cosine_distance", "a")
+    assert_view_is(v, f, 2, 4, "Head_2", "cosine_distance", "b")
+    v.page.wait_for_function("location.hash.includes('layer=3') && location.hash.includes('cmp=layer%3A4')")
 
 
 @needs_chromium
