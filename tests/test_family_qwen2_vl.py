@@ -87,8 +87,9 @@ def test_float64_backends_against_naive(adapter, images, backend: str) -> None:
     from maskvl.ops.testing import compiled_backend
 
     be, _ = compiled_backend(backend)
-    compare_with_naive(adapter, [images["tall"]], "Which way?", "both", 2, 1e-9, 1e-6, logits=True,
-                       layers=[adapter.num_layers - 1], backend=be)
+    # Layer 0 with Logits: the masked rows go on through every later layer's decode attention.
+    compare_with_naive(adapter, [images["tall"]], "Which way?", "both", 2, 1e-9, 1e-6, logits=True, layers=[0],
+                       backend=be)
 
 
 def test_float64_two_images_vision_mode(adapter, images) -> None:
@@ -167,3 +168,14 @@ def test_cli_sweep_float64_both_logits(model_dir: Path, images, one_image_run, r
                 np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
                 np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
                 np.testing.assert_allclose(rows.cosine_distance.to_numpy(), lr.cos[v], rtol=1e-9, atol=1e-300)
+
+
+def test_make_tiny_model_cli(family: str, run_main, tmp_path: Path) -> None:
+    code, _, err = run_main(["make-tiny-model", str(tmp_path / "m"), "--family", family, "--layers", "1"])
+    assert code == 0, err
+    a = load_model(str(tmp_path / "m"))
+    assert type(a).MODEL_TYPES == (family,) and a.num_layers == 1 and (a.num_heads, a.head_dim) == (4, 16)
+    # head_dim is hidden_size / num_heads in this family: a contradicting shape is a one-line error.
+    code, _, err = run_main(["make-tiny-model", str(tmp_path / "bad"), "--family", family, "--heads", "6"])
+    assert code == 2 and err.startswith("maskvl: error: Qwen2-VL's head_dim is hidden_size / num_heads")
+    assert not (tmp_path / "bad").exists()

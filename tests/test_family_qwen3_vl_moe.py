@@ -148,3 +148,11 @@ def test_api_with_a_loaded_float64_model(model_dir: Path, adapter) -> None:
     assert model.config._experts_implementation == "eager"
     ref = maskvl.sweep(adapter, prompt="Hello there", mask_mode="text", layers="2", logits=True)
     assert t.column("l2_distance").to_pylist() == ref.column("l2_distance").to_pylist()
+
+
+def test_make_tiny_model_cli(run_main, tmp_path: Path) -> None:
+    code, _, err = run_main(["make-tiny-model", str(tmp_path / "m"), "--family", "qwen3_vl_moe", "--layers", "2"])
+    assert code == 0, err
+    a = load_model(str(tmp_path / "m"))
+    assert isinstance(a, Qwen3VLMoeAdapter) and a.num_layers == 2
+    assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in a.layers)
