@@ -78,8 +78,8 @@ def _text_config(model_type: str, vocab_size: int, special_ids: dict[str, int], 
     if hidden is None:
         hidden = heads * (head_dim or 16)
     if hidden % heads or (head_dim is not None and head_dim * heads != hidden):
-        raise InputError(f"Qwen2-VL's head_dim is hidden_size / num_heads: hidden_size {hidden}, num_heads {heads}"
-                         + (f", head_dim {head_dim}" if head_dim is not None else ""))
+        raise InputError(f"Qwen2-VL and Qwen2.5-VL have head_dim = hidden_size / num_heads: hidden_size {hidden}, "
+                         f"num_heads {heads}" + (f", head_dim {head_dim}" if head_dim is not None else ""))
     half = hidden // heads // 2
     if half < 3:
         raise InputError("head_dim must be at least 6 (three MRoPE sections)")
@@ -111,6 +111,10 @@ class Qwen2VLAdapter(Qwen3VLAdapter):
     MODEL_CLASS: ClassVar[str] = "Qwen2VLForConditionalGeneration"
     FAMILY: ClassVar[str] = "Qwen2-VL"
     PROCESSOR_CLASS: ClassVar[str] = "Qwen2VLProcessor"
+    #: The ``shape`` keys :meth:`write_tiny_model` takes.
+    SHAPE_KEYS: ClassVar[frozenset[str]] = frozenset({
+        "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size", "vision_depth",
+        "initializer_range", "tie_word_embeddings"})
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, model_id: str):
         sliding = [i for i, t in enumerate(getattr(model.config.text_config, "layer_types", None) or [])
@@ -144,11 +148,15 @@ class Qwen2VLAdapter(Qwen3VLAdapter):
         """A tiny random model of this family as a hub-like directory: config, weights, a byte-level BPE
         tokenizer with the family's chat template, and the hub's ``preprocessor_config.json``.
 
-        ``shape``: num_layers, num_heads, num_kv_heads, head_dim or hidden_size (head_dim = hidden_size /
-        num_heads), intermediate_size, vision_depth, initializer_range, tie_word_embeddings.
+        ``shape`` (:attr:`SHAPE_KEYS`): num_layers, num_heads, num_kv_heads, head_dim or hidden_size (head_dim =
+        hidden_size / num_heads), intermediate_size, vision_depth, initializer_range, tie_word_embeddings;
+        Qwen2.5-VL also window_size (pixels).
         """
         import transformers
 
+        unknown = sorted(set(shape) - cls.SHAPE_KEYS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.write_tiny_model() got unexpected shape keys {unknown}")
         tokenizer = build_tokenizer()
         tokenizer.chat_template = CHAT_TEMPLATE
         special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -176,6 +184,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     MODEL_CLASS: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     FAMILY: ClassVar[str] = "Qwen2.5-VL"
     PROCESSOR_CLASS: ClassVar[str] = "Qwen2_5_VLProcessor"
+    SHAPE_KEYS: ClassVar[frozenset[str]] = Qwen2VLAdapter.SHAPE_KEYS | {"window_size"}
 
     @classmethod
     def _vision_config(cls, hidden_size: int, shape: dict[str, Any]) -> dict[str, Any]:
