@@ -1,7 +1,9 @@
 """Random-weight Qwen3-VL models of named shapes, built in memory, and inputs with an exact image-token count.
 
 Shapes go from ``tiny`` (the test model's size) to the published Qwen3-VL-2B/4B/8B text and vision
-configurations (random weights: the benchmark measures time and memory, not answers). Every model gets
+configurations (random weights: the benchmark measures time and memory, not answers). Shapes with
+``num_experts`` are Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``): every decoder layer's MLP is a
+sparse mixture of experts, as in the published 30B-A3B and 235B-A22B checkpoints. Every model gets
 the small byte-level tokenizer of ``maskvl.models.tiny`` (prompt ids stay small; the vocabulary of the
 real shapes is the real 151936, so embedding and lm_head have their real size) and the hub's
 image-processor settings through ``Qwen2VLImageProcessorPil``.
@@ -16,12 +18,17 @@ from typing import Any
 import torch
 
 from maskvl.models.qwen3_vl import Qwen3VLAdapter
+from maskvl.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 from maskvl.models.tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, build_tokenizer
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A Qwen3-VL shape: text decoder and vision tower. ``vocab_size=None`` uses the tokenizer's size."""
+    """A Qwen3-VL shape: text decoder and vision tower. ``vocab_size=None`` uses the tokenizer's size.
+
+    ``num_experts > 0`` makes it Qwen3-VL-MoE: ``experts_per_tok`` experts of width ``moe_intermediate_size``
+    per token in every layer (``intermediate_size`` is then unused).
+    """
 
     name: str
     hidden_size: int
@@ -38,6 +45,9 @@ class Shape:
     vision_heads: int = 2
     deepstack: tuple[int, ...] = (0, 1, 2)
     mrope_section: tuple[int, int, int] | None = None  # None: sized to head_dim / 2
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +60,12 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape("tiny", 64, 4, 4, 2, 16, 128),
     # The CI preset's model: mid-size, GQA, DeepStack, small vision tower.
     "mid": Shape("mid", 512, 8, 8, 4, 64, 1536, vision_hidden=64, vision_intermediate=128),
+    # The test MoE model's size (8 experts, top-2).
+    "tiny-moe": Shape("tiny-moe", 64, 3, 4, 2, 16, 128, num_experts=8, experts_per_tok=2, moe_intermediate_size=32),
+    # The CI preset's MoE model: Qwen3-VL-30B-A3B's proportions scaled down (GQA 8:1, query width twice
+    # the hidden size, top-8 of many narrow experts), 4 layers.
+    "moe": Shape("moe", 256, 4, 16, 2, 32, 1024, vision_hidden=64, vision_intermediate=128, num_experts=64,
+                 experts_per_tok=8, moe_intermediate_size=96),
     "2b": Shape("2b", 2048, 28, 16, 8, 128, 6144, vocab_size=151936, tie_word_embeddings=True,
                 mrope_section=(24, 20, 20), **_VISION_2B_4B),
     "4b": Shape("4b", 2560, 36, 32, 8, 128, 9728, vocab_size=151936, tie_word_embeddings=True,
@@ -68,7 +84,8 @@ def get_shape(name: str, num_layers: int | None = None) -> Shape:
 
 
 def qwen3_vl_config(shape: Shape, tokenizer) -> Any:
-    from transformers import Qwen3VLConfig
+    """The transformers config of ``shape``: ``Qwen3VLConfig``, or ``Qwen3VLMoeConfig`` for MoE shapes."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     half = shape.head_dim // 2
@@ -96,7 +113,14 @@ def qwen3_vl_config(shape: Shape, tokenizer) -> Any:
         "temporal_patch_size": 2, "out_hidden_size": shape.hidden_size, "num_position_embeddings": 2304,
         "deepstack_visual_indexes": list(shape.deepstack), "initializer_range": 0.02,
     }
-    return Qwen3VLConfig(
+    config_class = Qwen3VLConfig
+    if shape.num_experts:
+        config_class = Qwen3VLMoeConfig
+        text.update(model_type="qwen3_vl_moe_text", num_experts=shape.num_experts,
+                    num_experts_per_tok=shape.experts_per_tok, moe_intermediate_size=shape.moe_intermediate_size,
+                    decoder_sparse_step=1, mlp_only_layers=[])
+        vision["model_type"] = "qwen3_vl_moe_vision"
+    return config_class(
         text_config=text, vision_config=vision, image_token_id=special["<|image_pad|>"],
         video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
         vision_end_token_id=special["<|vision_end|>"], tie_word_embeddings=shape.tie_word_embeddings,
@@ -106,11 +130,13 @@ def qwen3_vl_config(shape: Shape, tokenizer) -> Any:
 
 def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   seed: int = 0) -> Qwen3VLAdapter:
-    """A random ``Qwen3VLForConditionalGeneration`` of ``shape`` (SDPA attention) wrapped in maskvl's adapter.
+    """A random ``Qwen3VLForConditionalGeneration`` (``Qwen3VLMoeForConditionalGeneration`` for MoE shapes)
+    of ``shape`` (SDPA attention) wrapped in maskvl's adapter.
 
-    Weights are initialized directly in ``dtype`` on ``device`` (no float32 copy of a big model).
+    Weights are initialized directly in ``dtype`` on ``device`` (no float32 copy of a big model). MoE
+    experts keep transformers' default implementation (the adapter switches float64 models to eager).
     """
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer()
@@ -124,7 +150,8 @@ def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str 
         if dtype.is_floating_point:
             torch.set_default_dtype(dtype)
         with torch.device(device):
-            model = Qwen3VLForConditionalGeneration(config)
+            model_class = Qwen3VLMoeForConditionalGeneration if shape.num_experts else Qwen3VLForConditionalGeneration
+            model = model_class(config)
     finally:
         torch.set_default_dtype(prev)
     # Parameters are already in ``dtype``; no ``.to(dtype)``: it would also cast the rotary ``inv_freq``
@@ -135,6 +162,8 @@ def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str 
     model = model.eval()
     settings = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k not in ("image_processor_type", "processor_class")}
     processor = Qwen2VLImageProcessorPil(**settings)
+    if shape.num_experts:
+        return Qwen3VLMoeAdapter(model, tokenizer, processor, f"random-qwen3-vl-moe-{shape.name}")
     return Qwen3VLAdapter(model, tokenizer, processor, f"random-qwen3-vl-{shape.name}")
 
 

@@ -9,7 +9,9 @@ Presets (``--list`` prints their cases):
 * ``ci``: CPU, float32, one torch thread, a random mid-size Qwen3-VL (hidden 512, 8 layers, GQA 8/4,
   DeepStack), 256 image tokens (281-token sequence), 1 step (baseline measured on 4 of the 8 layers)
   and 3 steps (baseline measured on 1 of the 8 layers), extrapolated to all layers to keep the run
-  under 3 minutes; the ``scaling`` preset measures the same 1-step case fully.
+  under 3 minutes; the ``scaling`` preset measures the same 1-step case fully. Plus one Qwen3-VL-MoE
+  case: a random ``moe`` shape (hidden 256, 4 layers, GQA 16/2, 64 experts, top-8 routing), 128 image
+  tokens, 1 step, baseline measured on 1 of the 4 layers.
 
 The CPU presets pin torch to one intra-op thread on both sides: on a shared 2-core container, OpenMP's
 spin-waiting under oversubscription made the same sweep vary from 0.7 to 4.4 s with 2 threads (0.19 to
@@ -43,6 +45,7 @@ PRESETS: dict[str, dict] = {
         "cases": [
             Case("ci-mid-img256-s1", "mid", 256, 1, naive_layers=4),
             Case("ci-mid-img256-s3", "mid", 256, 3, naive_layers=1),
+            Case("ci-moe-img128-s1", "moe", 128, 1, naive_layers=1),
         ],
     },
     "scaling": {
@@ -91,7 +94,7 @@ def _ints(spec: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named set of cases")
-    ap.add_argument("--shape", help="custom cases: model shape (tiny, mid, 2b, 4b, 8b)")
+    ap.add_argument("--shape", help="custom cases: model shape (tiny, mid, 2b, 4b, 8b; tiny-moe, moe)")
     ap.add_argument("--layers", type=int, help="custom cases: override the shape's number of layers")
     ap.add_argument("--tokens", default="16,64", help="custom cases: image-token counts (comma-separated)")
     ap.add_argument("--steps", default="1", help="custom cases: generation steps (comma-separated)")

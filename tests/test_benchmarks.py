@@ -38,6 +38,22 @@ def test_prototype_algorithm_equals_engine_float64(tiny64, mode, steps):
             assert relative_l2_error(lr.cos, s.cos[lr.layer]) <= 1e-9
 
 
+def test_prototype_algorithm_equals_engine_moe_float64():
+    """The baseline's layer pass runs the MoE model's own sparse blocks over the whole sequence."""
+    moe = build_adapter(get_shape("tiny-moe"), dtype=torch.float64, seed=1)
+    assert type(moe.layers[0].mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock"
+    prepared = prepare(moe, 12)
+    fast = list(Engine(moe, "reference").run(prepared, SweepConfig(mask_mode="both", num_tokens=2)))
+    slow = prototype_sweep(moe, prepared, "both", 2)
+    assert [f.generated_id for f in fast] == [s.generated_id for s in slow]
+    for f, s in zip(fast, slow):
+        for lr in f.layers:
+            np.testing.assert_array_equal(lr.positions, s.positions)
+            assert np.all(s.l2[lr.layer] > 0)
+            assert relative_l2_error(lr.l2, s.l2[lr.layer]) <= 1e-9
+            assert relative_l2_error(lr.cos, s.cos[lr.layer]) <= 1e-9
+
+
 def test_prototype_algorithm_sees_the_image(tiny64):
     """The baseline's results depend on the pixels (the prototype's sweep never saw the image: it embedded the image pads themselves)."""
     a = prototype_sweep(tiny64, prepare(tiny64, 4, seed=0), "vision", 1, layers=[1])[0]
@@ -111,4 +127,5 @@ def test_presets_are_well_formed():
             get_shape(c.shape)
             assert c.image_tokens >= 1 and c.steps >= 1
     assert any(c.image_tokens == 16384 for c in bench_run.PRESETS["gpu"]["cases"])
-    assert all(c.shape == "mid" for c in bench_run.PRESETS["ci"]["cases"])
+    ci = bench_run.PRESETS["ci"]["cases"]
+    assert {c.shape for c in ci} == {"mid", "moe"} and get_shape("moe").num_experts > 0

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
+from . import qwen2_vl  # noqa: F401  (registers its adapters)
 from . import qwen3_vl  # noqa: F401  (registers its adapter)
+from . import qwen3_vl_moe  # noqa: F401  (registers its adapter)
 from .base import Capture, ImageInfo, ModelAdapter, Prepared
 from .registry import adapter_class, register, supported_model_types
 from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,10 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
 
     MODEL_TYPES = ("qwen3_vl",)
     supports_images = True
+    #: The transformers class that loads the checkpoint, and the family's name in messages (the sibling
+    #: Qwen VL families subclass this adapter and name theirs).
+    MODEL_CLASS: ClassVar[str] = "Qwen3VLForConditionalGeneration"
+    FAMILY: ClassVar[str] = "Qwen3-VL"
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, model_id: str):
         cfg = model.config
@@ -72,10 +76,13 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
              verbose: bool = False) -> "Qwen3VLAdapter":
         """Load model, tokenizer and image processor from a local directory or a hub id."""
         # The family's modeling code is imported only when the family is used.
-        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+        import transformers
+        from transformers import AutoTokenizer
 
+        model_class = getattr(transformers, cls.MODEL_CLASS)
         try:
-            model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                **cls._from_pretrained_options(dtype))
         except OSError as exc:
             raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
         model = model.to(device).eval()
@@ -88,6 +95,11 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
         return cls(model, tokenizer, _load_image_processor(path, verbose), model_id)
 
     @classmethod
+    def _from_pretrained_options(cls, dtype: torch.dtype) -> dict[str, Any]:
+        """Extra ``from_pretrained`` keywords for this family (none for Qwen3-VL)."""
+        return {}
+
+    @classmethod
     def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
         if shape.get("head_dim", 16) % 8:
             raise InputError("head_dim must be a multiple of 8 (MRoPE sections)")
@@ -98,7 +110,7 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
                     model_id: str | None = None) -> "Qwen3VLAdapter":
         if tokenizer is None or image_processor is None:
-            raise InputError("pass tokenizer= and image_processor= with an already-loaded Qwen3-VL model")
+            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
         return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
 
     # ----------------------------------------------------------------------------------- inputs
@@ -149,7 +161,7 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
                 n = gh * gw // self.merge_size**2
                 token_start = pos[start]
                 if pos[start + n - 1] != token_start + n - 1:
-                    raise InputError("image pad tokens are not contiguous; the chat template is not Qwen3-VL's")
+                    raise InputError(f"image pad tokens are not contiguous; the chat template is not {self.FAMILY}'s")
                 infos.append(ImageInfo(
                     index=i, path=image_paths[i] if i < len(image_paths) else None,
                     grid_rows=gh // self.merge_size, grid_cols=gw // self.merge_size,
