@@ -16,6 +16,11 @@ import torch
 
 from ..errors import InputError, ModelLoadError
 from . import qwen3_vl  # noqa: F401  (registers its adapter)
+from . import llama  # noqa: F401
+from . import mistral  # noqa: F401
+from . import qwen2  # noqa: F401
+from . import qwen3  # noqa: F401
+from . import qwen3_moe  # noqa: F401
 from .base import Capture, ImageInfo, ModelAdapter, Prepared
 from .registry import adapter_class, register, supported_model_types
 from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model
