@@ -10,6 +10,11 @@ the final position. Then, per measured layer, it computes all masked variants at
    Gram matrices without materializing ``[P, H, d_model]``;
 3. one batched post-attention block (norm + MLP) over the P masked residual rows gives ``Full``.
 
+At a sliding-window layer (``ModelAdapter.attention_window``) the final query sees only the keys of
+its window: those are measured, and every key before the window is reported with exact zeros (removing
+it changes nothing at that layer). The Logits replay attends over each later layer's window too, and a
+key before the window of every layer of its knockout window gets an exactly zero Logits row.
+
 All measure arithmetic is in float32, or float64 for float64 models (``maskvl.measures``). The
 engine speaks only to a :class:`maskvl.models.ModelAdapter` and a :class:`maskvl.ops.Backend`.
 """

@@ -116,7 +116,12 @@ class TextDecoderAdapter(TransformersDecoderAdapter):
         if shape.get("num_heads", 4) % shape.get("num_kv_heads", 2):
             raise InputError("num_heads must be a multiple of num_kv_heads")
         tokenizer = build_tokenizer(style=cls.TOKENIZER_STYLE)
-        config = AutoConfig.for_model(cls.MODEL_TYPES[0], **cls.tiny_config(tokenizer, **shape))
+        try:
+            config = AutoConfig.for_model(cls.MODEL_TYPES[0], **cls.tiny_config(tokenizer, **shape))
+        except Exception as exc:  # the config class validates the shape (huggingface_hub strict dataclasses)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1].split(": ", 1)[-1] if lines else str(exc)  # without "ValueError: "
+            raise InputError(f"invalid {cls.MODEL_TYPES[0]} shape: {reason}") from exc
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
         return write_hub_dir(directory, model, tokenizer)
