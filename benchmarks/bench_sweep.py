@@ -1,4 +1,5 @@
-"""Benchmark machinery: one case = one model shape, one image-token count, one number of steps.
+"""Benchmark machinery: one case = one model shape, one image-token count (a prompt length for a
+text-only shape), one number of steps.
 
 For each case, on the same prepared inputs in the same process:
 
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks.models import build_adapter, get_shape, prepare
+from benchmarks.models import build_adapter, get_shape, prepare, prepare_text
 from benchmarks.prototype_algorithm import PrototypeStep, prototype_sweep
 from maskvl import ops
 from maskvl.engine import Engine, SweepConfig, mask_positions
@@ -46,6 +47,7 @@ class Case:
     ``naive_layers``: None measures the baseline on every layer; an int n on n layers evenly spread.
     ``naive_positions``: None measures every masked position; an int n on n positions evenly spread.
     ``bruteforce``: also time ``maskvl.naive.naive_sweep`` (every layer, every position).
+    ``prompt_tokens``: for a text-only shape (``image_tokens`` 0), the prompt's length in tokens.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Case:
     naive_positions: int | None = None
     bruteforce: bool = False
     mask_mode: str = "vision"
+    prompt_tokens: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -284,7 +287,10 @@ def run_case(case: Case, adapter: Any, device: torch.device, dtype: torch.dtype,
              ) -> list[dict[str, Any]]:
     """Time one case; returns its records (see the module docstring)."""
     load_before = _loadavg()
-    prepared = prepare(adapter, case.image_tokens)
+    if get_shape(case.shape).text_only:
+        prepared = prepare_text(adapter, case.prompt_tokens)
+    else:
+        prepared = prepare(adapter, case.image_tokens)
     seq_len = int(prepared.input_ids.shape[1])
     L = adapter.num_layers
     base = SweepConfig(mask_mode=case.mask_mode, num_tokens=case.steps)
@@ -357,7 +363,7 @@ def run_case(case: Case, adapter: Any, device: torch.device, dtype: torch.dtype,
                 "rel_err_l2": b["rel_err_l2"], "rel_err_cos": b["rel_err_cos"],
                 "same_tokens": [r.generated_id for r in results] == b["naive_generated"],
                 "shape": case.shape, "model": get_shape(case.shape, adapter.num_layers).describe(),
-                "image_tokens": case.image_tokens, "seq_len": seq_len, "steps": case.steps,
+                "image_tokens": case.image_tokens, "prompt_tokens": case.prompt_tokens, "seq_len": seq_len, "steps": case.steps,
                 "steps_done": len(results), "layers": L, "mask_mode": case.mask_mode,
                 "masked_per_step": full_positions, "masked_total": masked_total,
                 "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -396,7 +402,9 @@ def run_cases(cases: list[Case], device: torch.device, dtype: torch.dtype, backe
             t0 = time.perf_counter()
             adapters[key] = build_adapter(get_shape(case.shape, case.num_layers), dtype, device)
             log(f"built {case.shape} ({dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
-        log(f"{case.name}: {case.image_tokens} image tokens, {case.steps} step(s)")
+        size = (f"{case.prompt_tokens}-token prompt" if get_shape(case.shape).text_only
+                else f"{case.image_tokens} image tokens")
+        log(f"{case.name}: {size}, {case.steps} step(s)")
         records.extend(run_case(case, adapters[key], device, dtype, backends, repeats, log, common))
         if json_path:
             Path(json_path).write_text(json.dumps(records, indent=1))

@@ -7,6 +7,10 @@ sparse mixture of experts, as in the published 30B-A3B and 235B-A22B checkpoints
 the small byte-level tokenizer of ``maskvl.models.tiny`` (prompt ids stay small; the vocabulary of the
 real shapes is the real 151936, so embedding and lm_head have their real size) and the hub's
 image-processor settings through ``Qwen2VLImageProcessorPil``.
+
+Text-only shapes (``text_only=True``, names ``text-*``) are a Qwen3 text decoder (``Qwen3ForCausalLM``)
+of the same decoder shape with no vision tower; their inputs are prompts of an exact token count
+(:func:`prepare_text`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 
+from maskvl.models.qwen3 import Qwen3Adapter
 from maskvl.models.qwen3_vl import Qwen3VLAdapter
 from maskvl.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 from maskvl.models.tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, build_tokenizer
@@ -48,6 +53,7 @@ class Shape:
     num_experts: int = 0
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    text_only: bool = False  # a Qwen3 text decoder (Qwen3ForCausalLM): the vision fields are unused
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +79,9 @@ SHAPES: dict[str, Shape] = {
     "8b": Shape("8b", 4096, 36, 32, 8, 128, 12288, vocab_size=151936, tie_word_embeddings=False,
                 mrope_section=(24, 20, 20), vision_depth=27, vision_hidden=1152, vision_intermediate=4304,
                 vision_heads=16, deepstack=(8, 16, 24)),
+    # Text-only: the tiny and mid decoders as Qwen3ForCausalLM.
+    "text-tiny": Shape("text-tiny", 64, 4, 4, 2, 16, 128, text_only=True),
+    "text-mid": Shape("text-mid", 512, 8, 8, 4, 64, 1536, text_only=True),
 }
 
 
@@ -128,10 +137,26 @@ def qwen3_vl_config(shape: Shape, tokenizer) -> Any:
     )
 
 
+def qwen3_text_config(shape: Shape, tokenizer) -> Any:
+    """A ``Qwen3Config`` with ``shape``'s decoder (RoPE and norms as ``qwen3_vl_config``'s text part)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=shape.vocab_size or len(tokenizer), hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        hidden_act="silu", max_position_embeddings=262144, initializer_range=0.02, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, attention_bias=False,
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
+
+
 def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  seed: int = 0) -> Qwen3VLAdapter:
+                  seed: int = 0) -> Any:
     """A random ``Qwen3VLForConditionalGeneration`` (``Qwen3VLMoeForConditionalGeneration`` for MoE shapes)
-    of ``shape`` (SDPA attention) wrapped in maskvl's adapter.
+    of ``shape`` (SDPA attention) wrapped in maskvl's adapter (a ``Qwen3ForCausalLM`` in maskvl's Qwen3
+    adapter for a text-only shape).
 
     Weights are initialized directly in ``dtype`` on ``device`` (no float32 copy of a big model). MoE
     experts keep transformers' default implementation (the adapter switches float64 models to eager).
@@ -140,6 +165,8 @@ def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer()
+    if shape.text_only:
+        return _build_text_adapter(shape, tokenizer, dtype, device, seed)
     config = qwen3_vl_config(shape, tokenizer)
     config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
@@ -165,6 +192,28 @@ def build_adapter(shape: Shape, dtype: torch.dtype = torch.float32, device: str 
     if shape.num_experts:
         return Qwen3VLMoeAdapter(model, tokenizer, processor, f"random-qwen3-vl-moe-{shape.name}")
     return Qwen3VLAdapter(model, tokenizer, processor, f"random-qwen3-vl-{shape.name}")
+
+
+def _build_text_adapter(shape: Shape, tokenizer: Any, dtype: torch.dtype, device: str | torch.device,
+                        seed: int) -> Qwen3Adapter:
+    from transformers import Qwen3ForCausalLM
+
+    config = qwen3_text_config(shape, tokenizer)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    try:
+        if dtype.is_floating_point:
+            torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    # As for the vision model: no .to(dtype), which would cast the float32 rotary buffers.
+    bad = {p.dtype for p in model.parameters()} - {dtype}
+    if bad:
+        raise RuntimeError(f"parameters built in {bad}, expected {dtype}")
+    return Qwen3Adapter(model.eval(), tokenizer, f"random-qwen3-{shape.name}")
 
 
 def grid_for(tokens: int) -> tuple[int, int]:
@@ -204,3 +253,28 @@ def prepare(adapter: Qwen3VLAdapter, tokens: int, prompt: str = PROMPT, seed: in
     if got != tokens:
         raise RuntimeError(f"asked for {tokens} image tokens, the processor gave {got}")
     return prepared
+
+
+def prepare_text(adapter: Any, tokens: int, seed: int = 0):
+    """Prepared text-only inputs: a chat-templated prompt of exactly ``tokens`` tokens.
+
+    The prompt is "Describe" and then random words that the tokenizer keeps as one token each (the
+    byte-level pre-tokenizer splits before every space, so each " word" is encoded on its own).
+    """
+    import numpy as np
+
+    base = int(adapter.prepare("Describe", [], []).input_ids.shape[1])
+    if tokens <= base:
+        raise ValueError(f"need more than the {base} tokens of the chat template and 'Describe'")
+    words = sorted({w for w in _WORDS if len(adapter.tokenize(" " + w)) == 1})
+    rng = np.random.default_rng(seed)
+    prompt = "Describe" + "".join(" " + words[i] for i in rng.integers(0, len(words), tokens - base))
+    prepared = adapter.prepare(prompt, [], [])
+    got = int(prepared.input_ids.shape[1])
+    if got != tokens:
+        raise RuntimeError(f"asked for a {tokens}-token prompt, the tokenizer gave {got}")
+    return prepared
+
+
+_WORDS = ("image picture color cat dog tree grass sky red blue green yellow white brown left right top bottom "
+          "center corner small large bright dark one two three four five six seven the and is a of on").split()

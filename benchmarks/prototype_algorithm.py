@@ -9,9 +9,9 @@ was used. This module keeps that algorithm (and its cost) and fixes what the pro
 * layer inputs are captured from the model's own forward (pre-hooks), so image features, 3D MRoPE
   positions and the DeepStack additions are the real ones (the prototype embedded the image pads
   themselves, used 1-D positions and skipped DeepStack);
-* the replayed attention uses the model's q/k norms and rotary embedding and a causal mask; key p is
-  removed for the final query row only (the prototype skipped the norms and let image tokens attend
-  to each other both ways);
+* the replayed attention uses the model's q/k norms (where it has them) and rotary embedding and a
+  causal mask (with the layer's sliding window, if any); key p is removed for the final query row only
+  (the prototype skipped the norms and let image tokens attend to each other both ways);
 * distances are computed in float32, or float64 for float64 models (the prototype used bf16); nothing
   is caught and replaced by zeros (its out-of-memory fallback wrote zeros as results).
 
@@ -89,8 +89,11 @@ def layer_pass(layer: torch.nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor
     attn = layer.self_attn
     S = h.shape[1]
     x = layer.input_layernorm(h)
-    q = attn.q_norm(attn.q_proj(x).view(1, S, num_heads, head_dim)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(1, S, num_kv_heads, head_dim)).transpose(1, 2)
+    q = attn.q_proj(x).view(1, S, num_heads, head_dim)
+    k = attn.k_proj(x).view(1, S, num_kv_heads, head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = attn.v_proj(x).view(1, S, num_kv_heads, head_dim).transpose(1, 2)
     cos, sin = rope
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -147,11 +150,13 @@ def prototype_sweep(adapter: Any, prepared: Prepared, mask_mode: str = "vision",
         if max_positions is not None and max_positions < len(positions):
             idx = torch.linspace(0, len(positions) - 1, max_positions).round().long().unique()
             positions = positions[idx]
-        allowed = torch.ones(S, S, dtype=torch.bool, device=dev).tril_()
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril_()
         res = PrototypeStep(step, S, positions.numpy(), {}, {}, -1, prefill_s)
         for layer in layers:
             t1 = time.perf_counter()
             mod = adapter.decoder_layer(layer)
+            window = adapter.attention_window(layer)
+            allowed = causal if window is None else causal.triu(1 - window)  # keys i - window < j <= i
             clean = _vectors(adapter, layer, layer_pass(mod, xs[layer], rope, allowed, H, KV, D), cd)
             l2_rows, cos_rows = [], []
             for p in positions.tolist():

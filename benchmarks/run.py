@@ -9,9 +9,11 @@ Presets (``--list`` prints their cases):
 * ``ci``: CPU, float32, one torch thread, a random mid-size Qwen3-VL (hidden 512, 8 layers, GQA 8/4,
   DeepStack), 256 image tokens (281-token sequence), 1 step (baseline measured on 4 of the 8 layers)
   and 3 steps (baseline measured on 1 of the 8 layers), extrapolated to all layers to keep the run
-  under 3 minutes; the ``scaling`` preset measures the same 1-step case fully. Plus one Qwen3-VL-MoE
-  case: a random ``moe`` shape (hidden 256, 4 layers, GQA 16/2, 64 experts, top-8 routing), 128 image
-  tokens, 1 step, baseline measured on 1 of the 4 layers.
+  short; the ``scaling`` preset measures the same 1-step case fully. Plus one Qwen3-VL-MoE case: a
+  random ``moe`` shape (hidden 256, 4 layers, GQA 16/2, 64 experts, top-8 routing), 128 image tokens,
+  1 step, baseline measured on 1 of the 4 layers; and one text-only case: the same decoder as ``mid``
+  as a Qwen3 text model (``Qwen3ForCausalLM``), a 256-token prompt, every text position masked, 1 step
+  (baseline measured on 1 of the 8 layers).
 
 The CPU presets pin torch to one intra-op thread on both sides: on a shared 2-core container, OpenMP's
 spin-waiting under oversubscription made the same sweep vary from 0.7 to 4.4 s with 2 threads (0.19 to
@@ -28,6 +30,7 @@ Where a case times the baseline on a subset of layers and/or positions, its reco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -38,6 +41,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.bench_sweep import Case, available_backends, run_cases  # noqa: E402
+from benchmarks.models import get_shape  # noqa: E402
 
 PRESETS: dict[str, dict] = {
     "ci": {
@@ -46,6 +50,7 @@ PRESETS: dict[str, dict] = {
             Case("ci-mid-img256-s1", "mid", 256, 1, naive_layers=4),
             Case("ci-mid-img256-s3", "mid", 256, 3, naive_layers=1),
             Case("ci-moe-img128-s1", "moe", 128, 1, naive_layers=1),
+            Case("ci-text-mid-tok256-s1", "text-mid", 0, 1, naive_layers=1, mask_mode="text", prompt_tokens=256),
         ],
     },
     "scaling": {
@@ -94,14 +99,18 @@ def _ints(spec: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named set of cases")
-    ap.add_argument("--shape", help="custom cases: model shape (tiny, mid, 2b, 4b, 8b; tiny-moe, moe)")
+    ap.add_argument("--shape", help="custom cases: model shape (tiny, mid, 2b, 4b, 8b; tiny-moe, moe; "
+                                    "text-tiny, text-mid)")
     ap.add_argument("--layers", type=int, help="custom cases: override the shape's number of layers")
-    ap.add_argument("--tokens", default="16,64", help="custom cases: image-token counts (comma-separated)")
+    ap.add_argument("--tokens", default="16,64",
+                    help="custom cases: image-token counts, or prompt lengths for a text-only shape (comma-separated)")
     ap.add_argument("--steps", default="1", help="custom cases: generation steps (comma-separated)")
     ap.add_argument("--naive-layers", type=int, help="custom cases: time the baseline on this many layers")
     ap.add_argument("--naive-positions", type=int, help="custom cases: ... and this many masked positions")
     ap.add_argument("--bruteforce", action="store_true", help="custom cases: also time the brute force")
-    ap.add_argument("--mask-mode", default="vision", choices=("text", "vision", "both"))
+    ap.add_argument("--mask-mode", choices=("text", "vision", "both"),
+                    help="override the cases' mask mode (default: each preset case's own; custom cases: vision, "
+                         "text for a text-only shape)")
     ap.add_argument("--device", help="cpu or cuda (default: the preset's)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the preset's)")
     ap.add_argument("--backends", help="comma-separated maskvl backends (default: every available one)")
@@ -122,14 +131,19 @@ def main(argv: list[str] | None = None) -> int:
             cases = [c for c in cases if any(k in c.name for k in keys)]
     elif args.shape:
         preset = {"device": "cpu", "dtype": "float32", "repeats": 1, "threads": 0}
-        cases = [Case(f"{args.shape}{'-L' + str(args.layers) if args.layers else ''}-img{t}-s{s}", args.shape, t, s,
-                      num_layers=args.layers, naive_layers=args.naive_layers, naive_positions=args.naive_positions,
-                      bruteforce=args.bruteforce)
+        try:
+            text = get_shape(args.shape).text_only
+        except ValueError as exc:
+            ap.error(str(exc))
+        cases = [Case(f"{args.shape}{'-L' + str(args.layers) if args.layers else ''}-{'tok' if text else 'img'}{t}-s{s}",
+                      args.shape, 0 if text else t, s, num_layers=args.layers, naive_layers=args.naive_layers,
+                      naive_positions=args.naive_positions, bruteforce=args.bruteforce,
+                      mask_mode="text" if text else "vision", prompt_tokens=t if text else None)
                  for t in _ints(args.tokens) for s in _ints(args.steps)]
     else:
         ap.error("give --preset or --shape")
-    cases = [c if c.mask_mode == args.mask_mode else __import__("dataclasses").replace(c, mask_mode=args.mask_mode)
-             for c in cases]
+    if args.mask_mode:
+        cases = [dataclasses.replace(c, mask_mode=args.mask_mode) for c in cases]
     if args.list:
         for c in cases:
             print(c)

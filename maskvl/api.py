@@ -102,6 +102,9 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
                 {"mode": "token", "id": config.target_token,
                  "text": adapter.token_texts([config.target_token])[0]}),
         logits=config.logits, knockout_window=config.knockout_window,
+        # Per layer, the keys a query sees (None: full causal). Keys outside the final query's window
+        # have no effect at that layer: their rows are exact zeros.
+        attention_windows=[adapter.attention_window(layer) for layer in range(adapter.num_layers)],
         num_steps=config.num_tokens, steps_completed=0, complete=False,
     )
     if extra_metadata:

@@ -10,6 +10,11 @@ the final position. Then, per measured layer, it computes all masked variants at
    Gram matrices without materializing ``[P, H, d_model]``;
 3. one batched post-attention block (norm + MLP) over the P masked residual rows gives ``Full``.
 
+At a sliding-window layer (``ModelAdapter.attention_window``) the final query sees only the keys of
+its window: those are measured, and every key before the window is reported with exact zeros (removing
+it changes nothing at that layer). The Logits replay attends over each later layer's window too, and a
+key before the window of every layer of its knockout window gets an exactly zero Logits row.
+
 All measure arithmetic is in float32, or float64 for float64 models (``maskvl.measures``). The
 engine speaks only to a :class:`maskvl.models.ModelAdapter` and a :class:`maskvl.ops.Backend`.
 """
@@ -120,11 +125,13 @@ class _LogitsBatch:
     """The rows of one starting layer on their way to the LM head: row 0 clean, then one per masked key.
 
     ``exclude [1 + P]`` is each row's masked key (-1 for the clean row), used inside the knockout window.
+    ``cols [P]``: which of the layer's masked positions the rows are (None: all of them, in order).
     """
 
     start: int
     h: torch.Tensor
     exclude: torch.Tensor
+    cols: torch.Tensor | None = None
 
 
 class Engine:
@@ -166,23 +173,43 @@ class Engine:
             self._grams[layer] = head_grams(self.adapter.o_proj_weight(layer), self.adapter.num_heads, self.cd)
         return self._grams[layer]
 
+    def window_start(self, layer: int, seq_len: int) -> int:
+        """The first key the final query (position ``seq_len - 1``) sees at ``layer``: 0 unless the layer
+        has a sliding window shorter than the sequence."""
+        w = self.adapter.attention_window(layer)
+        return 0 if w is None else max(0, seq_len - w)
+
     def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor
                       ) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
         """Every variant of ``layer`` for every masked position in ``positions [P]``.
 
         Also returns the clean layer update ``[d]`` and the masked updates' deltas ``[P, d]`` (the
-        Logits measure continues from them).
+        Logits measure continues from them). At a sliding-window layer only the keys inside the final
+        query's window are measured; removing any other key changes nothing there, so its rows are
+        exact zeros (l2 and cosine distance 0, delta 0).
         """
         a = self.adapter
         cd = self.cd
         k, v = a.kv(cache, layer)  # [T, KV, D]
+        lo = self.window_start(layer, k.shape[0])
+        inside = None
+        if lo:
+            k, v = k[lo:], v[lo:]  # the window: keys lo..T-1
+            inside = torch.nonzero(positions >= lo).flatten()  # [P_in] indices into positions
+            pos = positions[inside] - lo
+        else:
+            pos = positions
         o, delta = self.backend.loo_attention(cap.q[layer], k, v, a.scale)  # [H, D], [T, H, D]
-        pos = positions.to(delta.device)
+        pos = pos.to(delta.device)
         delta = delta.index_select(0, pos)  # [P, H, D]
         P = delta.shape[0]
         # Cast per use, not cached: a compute-dtype copy of every layer's o_proj would cost GBs at 4B.
         wo = a.o_proj_weight(layer).to(self.cd)  # [d, H*D]
         attn_clean = wo @ o.reshape(-1)  # [d]
+        bias = a.o_proj_bias(layer)
+        if bias is not None:
+            # Attn is o_proj's output, bias included; it cancels in the deltas.
+            attn_clean = attn_clean + bias.to(self.cd)
         attn_delta = delta.reshape(P, -1) @ wo.T  # [P, d]
         x = cap.x[layer].to(cd)
         h_clean = x + attn_clean
@@ -192,11 +219,22 @@ class Engine:
             layer, h_clean.unsqueeze(0) + attn_delta[i:j], cd)) if P else attn_delta  # [P, d]
         full_clean = attn_clean + mlp_clean
         full_delta = attn_delta + (mlp_masked - mlp_clean)
-        l2_full, cos_full = self.backend.vector_distances(full_clean, full_delta)
-        l2_attn, cos_attn = self.backend.vector_distances(attn_clean, attn_delta)
-        l2_head, cos_head = self.backend.head_distances(o, delta, self._gram(layer))  # [P, H]
-        l2 = torch.cat([l2_full.unsqueeze(0), l2_attn.unsqueeze(0), l2_head.T], 0)
-        cos = torch.cat([cos_full.unsqueeze(0), cos_attn.unsqueeze(0), cos_head.T], 0)
+        if P:
+            l2_full, cos_full = self.backend.vector_distances(full_clean, full_delta)
+            l2_attn, cos_attn = self.backend.vector_distances(attn_clean, attn_delta)
+            l2_head, cos_head = self.backend.head_distances(o, delta, self._gram(layer))  # [P, H]
+            l2 = torch.cat([l2_full.unsqueeze(0), l2_attn.unsqueeze(0), l2_head.T], 0)
+            cos = torch.cat([cos_full.unsqueeze(0), cos_attn.unsqueeze(0), cos_head.T], 0)
+        else:  # every masked key is outside the window
+            l2 = cos = full_clean.new_zeros((2 + a.num_heads, 0))
+        if inside is not None:
+            # Keys outside the window: exact zeros in every variant.
+            n = len(positions)
+            idx = inside.to(l2.device)
+            l2 = l2.new_zeros((l2.shape[0], n)).index_copy_(1, idx, l2)
+            cos = cos.new_zeros((cos.shape[0], n)).index_copy_(1, idx, cos)
+            full_delta = full_delta.new_zeros((n, full_delta.shape[1])).index_copy_(
+                0, inside.to(full_delta.device), full_delta)
         names = measures.variant_names(a.num_heads)
         result = LayerResult(layer, names, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
         return result, full_clean, full_delta
@@ -207,14 +245,19 @@ class Engine:
         a = self.adapter
         k, v = a.kv(cache, layer)
         T = seq_len - 1
+        # At a sliding-window layer the final query sees only the prefix keys lo..T-1 (and its own).
+        lo = self.window_start(layer, seq_len)
         # The replayed rows are in the compute dtype; a bf16/fp16 cache is upcast to match (every
         # backend's decode attention takes one dtype).
-        k_pre, v_pre = k[:T].to(self.cd), v[:T].to(self.cd)
+        k_pre, v_pre = k[lo:T].to(self.cd), v[lo:T].to(self.cd)
         rows = torch.cat([b.h for b in batches])
         # Rows still inside their knockout window leave their key out here too (the final position's
         # own key, p == T, is the own row of the decode attention).
         exclude = torch.cat([b.exclude if layer - b.start < window else torch.full_like(b.exclude, -1)
                              for b in batches]).to(rows.device)
+        if lo:
+            # Indices into the window's prefix; a key before the window is not there to leave out.
+            exclude = torch.where(exclude >= lo, exclude - lo, torch.full_like(exclude, -1))
         out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
             layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
         i = 0
@@ -228,9 +271,18 @@ class Engine:
         for b in batches:
             logits = self._in_chunks(b.h.shape[0], lambda i, j: self.adapter.final_logits(b.h[i:j], self.cd))
             clean, masked = logits[0], logits[1:]
-            l2, cos = self.backend.vector_distances(clean, masked - clean)
-            kl, tpd = measures.logits_effects(clean, masked, target)
             lr = results[b.start]
+            if b.cols is None:
+                l2, cos = self.backend.vector_distances(clean, masked - clean)
+                kl, tpd = measures.logits_effects(clean, masked, target)
+            else:
+                # Rows left out of the replay (keys outside every knockout layer's window) are exact zeros.
+                l2, cos, kl, tpd = (clean.new_zeros(lr.l2.shape[1]) for _ in range(4))
+                if masked.shape[0]:
+                    idx = b.cols.to(clean.device)
+                    got = (tuple(self.backend.vector_distances(clean, masked - clean))
+                           + tuple(measures.logits_effects(clean, masked, target)))
+                    l2, cos, kl, tpd = (z.index_copy_(0, idx, g.to(z.dtype)) for z, g in zip((l2, cos, kl, tpd), got))
             nan = np.full((lr.l2.shape[0], lr.l2.shape[1]), np.nan)
             lr.variants = lr.variants + [measures.LOGITS]
             lr.l2 = np.concatenate([lr.l2, l2.cpu().numpy()[None]])
@@ -283,9 +335,17 @@ class Engine:
                             # Row 0 is this layer's clean output, replayed through the same arithmetic as
                             # the masked rows so that their difference is only the masking.
                             out = cap.x[layer].to(self.cd) + full_clean
+                            # A key before every knockout layer's window has no effect anywhere: its
+                            # Logits row is an exact zero and it is not replayed.
+                            knocked = range(layer, min(layer + config.knockout_window, a.num_layers))
+                            first = min(self.window_start(k, seq_len) for k in knocked)
+                            cols = torch.nonzero(positions >= first).flatten() if first else None
+                            kept = positions if cols is None else positions[cols]
+                            if cols is not None:
+                                full_delta = full_delta.index_select(0, cols.to(full_delta.device))
                             h = torch.cat([out.unsqueeze(0), out.unsqueeze(0) + full_delta])
-                            ex = torch.cat([torch.tensor([-1]), positions.cpu()])
-                            batches.append(_LogitsBatch(layer, h, ex))
+                            ex = torch.cat([torch.tensor([-1]), kept.cpu()])
+                            batches.append(_LogitsBatch(layer, h, ex, cols))
                         if on_layer is not None:
                             on_layer(step, layer)
                     if config.logits:

@@ -5,9 +5,12 @@ sequence (prompt + s greedy tokens, fresh, no cache) with exactly one attention 
 for the final query row at layer L. The removal goes through transformers' attention-function registry
 (a registered attention implementation named ``maskvl_knockout``, selected on the model's text config
 only for the duration of the call), not by patching transformers. Layer L's attention is then computed
-explicitly in float64 (float64 models) or float32 (others); every other layer uses the model's own
-SDPA attention, as in the clean pass. Hooks read the final position's layer input and output, o_proj's
-input and output, and the final logits.
+explicitly in float64 (float64 models) or float32 (others), under the attention mask transformers
+built for that layer (causal, or causal with a sliding window); every other layer uses the model's own
+SDPA attention. The clean vectors each masked forward is compared with come from the same forward
+with nothing removed (layer L's attention computed the same explicit way), so a removal that changes
+nothing (a key outside a sliding window) gives exact zeros. Hooks read the final position's layer
+input and output, o_proj's input and output, and the final logits.
 
 It is slow by design: it is the ground truth that the fast engine is tested against.
 """
@@ -33,7 +36,8 @@ _target = threading.local()
 
 
 def _knockout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention with key ``p`` removed for the final query row at the target layer only.
+    """Attention with key ``p`` removed for the final query row at the target layers only (``p`` None:
+    nothing removed, the same explicit arithmetic).
 
     ``query [B, H, Sq, D]``, ``key/value [B, KV, Sk, D]``; returns ``([B, Sq, H, D], None)`` like
     transformers' attention functions.
@@ -60,7 +64,8 @@ def _knockout_attention(module, query, key, value, attention_mask, scaling=None,
     else:
         allowed = attention_mask[..., :Sk] == 0
     allowed = allowed.clone()
-    allowed[..., Sq - 1, p] = False
+    if p is not None:
+        allowed[..., Sq - 1, p] = False
     s = s.masked_fill(~allowed, float("-inf"))
     out = torch.matmul(torch.softmax(s, dim=-1), v)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -78,7 +83,8 @@ def _register() -> None:
 def knockout(adapter: ModelAdapter, layers: Any, position: int | None) -> Iterator[None]:
     """Within the block, the decoder attention removes ``position`` for the final query at ``layers``.
 
-    ``layers`` is a layer index or a collection of them (the Logits measure's knockout window).
+    ``layers`` is a layer index or a collection of them (the Logits measure's knockout window);
+    ``position`` None computes those layers' attention the same explicit way without removing anything.
     """
     _register()
     cfg = adapter.attention_config()
@@ -104,7 +110,7 @@ class _Vectors:
 
 
 def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[int], layers: list[int],
-                     target: tuple[Any, int] | None) -> dict[int, _Vectors]:
+                     target: tuple[Any, int | None] | None) -> dict[int, _Vectors]:
     """One full forward (with the knockout ``target`` if given); the final position's vectors per layer."""
     cd = measures.compute_dtype(adapter.dtype)
     store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
@@ -157,15 +163,17 @@ class NaiveStep:
     l2: dict[int, np.ndarray]
     cos: dict[int, np.ndarray]
     generated_id: int
-    logits_clean: torch.Tensor
+    logits_clean: torch.Tensor  # [V], the model's own forward
     logits_masked: dict[int, torch.Tensor]  # layer -> [P, V]
+    logits_unmasked: dict[int, torch.Tensor]  # layer -> [V], the same knockout forward removing nothing
 
     def logits_measures(self, layer: int, target: int | None = None) -> dict[str, np.ndarray]:
         """``l2``, ``cos``, ``kl``, ``tpd`` ``[P]`` of the Logits variant at ``layer`` (target: greedy token)."""
         t = self.generated_id if target is None else target
         m = self.logits_masked[layer]
-        l2, cos = measures.vector_distances_direct(self.logits_clean.expand_as(m), m)
-        kl, tpd = measures.logits_effects(self.logits_clean, m, t)
+        clean = self.logits_unmasked[layer]
+        l2, cos = measures.vector_distances_direct(clean.expand_as(m), m)
+        kl, tpd = measures.logits_effects(clean, m, t)
         return {k: x.cpu().numpy() for k, x in (("l2", l2), ("cos", cos), ("kl", kl), ("tpd", tpd))}
 
 
@@ -185,16 +193,18 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
     is_image = prepared.is_image.clone()
     steps = []
     for step in range(num_tokens):
-        clean = _capture_forward(adapter, prepared, generated, layers, None)
+        logits_clean = adapter.forward_full(prepared, generated).to(measures.compute_dtype(adapter.dtype))
         positions = mask_positions(is_image, mask_mode).tolist()
         l2: dict[int, np.ndarray] = {}
         cos: dict[int, np.ndarray] = {}
         logits_masked: dict[int, torch.Tensor] = {}
+        logits_unmasked: dict[int, torch.Tensor] = {}
         for layer in layers:
             rows_l2, rows_cos, rows_logits = [], [], []
-            c = clean[layer]
+            window = range(layer, min(layer + knockout_window, adapter.num_layers))
+            c = _capture_forward(adapter, prepared, generated, [layer], (window, None))[layer]
+            logits_unmasked[layer] = c.logits
             for p in positions:
-                window = range(layer, min(layer + knockout_window, adapter.num_layers))
                 m = _capture_forward(adapter, prepared, generated, [layer], (window, p))[layer]
                 pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h]) for h in range(adapter.num_heads)]
                 d = [measures.vector_distances_direct(a, b) for a, b in pairs]
@@ -204,9 +214,9 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
             l2[layer] = torch.stack(rows_l2, 1).cpu().numpy()
             cos[layer] = torch.stack(rows_cos, 1).cpu().numpy()
             logits_masked[layer] = torch.stack(rows_logits)
-        logits_clean = next(iter(clean.values())).logits
         token = int(logits_clean.argmax())
-        steps.append(NaiveStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked))
+        steps.append(NaiveStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked,
+                               logits_unmasked))
         if token in stops:
             break
         generated.append(token)

@@ -14,8 +14,12 @@ from maskvl.naive import naive_sweep, relative_l2_error
 
 def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: str, mode: str, steps: int, tol: float,
                        row_tol: float, layers: list[int] | None = None, logits: bool = False, window: int = 1,
-                       target: int | None = None, backend: str = "reference") -> tuple[Any, list[Any], float]:
+                       target: int | None = None, backend: str = "reference", ref: list[Any] | None = None
+                       ) -> tuple[Any, list[Any], float]:
     """Run the engine and the naive oracle on the same inputs and assert they agree.
+
+    ``ref``: the oracle's steps (``naive_sweep``) for these same inputs, when already computed (one oracle
+    run checked against several backends).
 
     Every variant's values over the masked positions must match to ``tol`` relative L2 error, every
     L2 row to ``row_tol`` relative; with ``logits`` the Logits row's L2, cosine, KL and target
@@ -26,7 +30,8 @@ def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: st
     cfg = SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers, logits=logits, knockout_window=window,
                       target_token=target)
     fast = list(Engine(adapter, backend).run(prep, cfg))
-    ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
+    if ref is None:
+        ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
     assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
     assert len(fast) == len(ref) == steps
     worst = 0.0

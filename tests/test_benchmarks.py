@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import run as bench_run
 from benchmarks.bench_sweep import Case, available_backends, extrapolate, run_cases, spread
-from benchmarks.models import build_adapter, get_shape, grid_for, prepare
+from benchmarks.models import build_adapter, get_shape, grid_for, prepare, prepare_text
 from benchmarks.prototype_algorithm import PrototypeStep, prototype_sweep
 from maskvl.engine import Engine, SweepConfig
 from maskvl.naive import relative_l2_error
@@ -54,6 +54,21 @@ def test_prototype_algorithm_equals_engine_moe_float64():
             assert relative_l2_error(lr.cos, s.cos[lr.layer]) <= 1e-9
 
 
+def test_prototype_algorithm_equals_engine_text_only_float64():
+    """The text-only case's baseline (a Qwen3 text decoder, no q/k norm assumptions beyond the model's)."""
+    adapter = build_adapter(get_shape("text-tiny"), dtype=torch.float64, seed=2)
+    prepared = prepare_text(adapter, 24)
+    assert prepared.input_ids.shape[1] == 24 and not bool(prepared.is_image.any())
+    fast = list(Engine(adapter, "reference").run(prepared, SweepConfig(mask_mode="text", num_tokens=2)))
+    slow = prototype_sweep(adapter, prepared, "text", 2)
+    assert [f.generated_id for f in fast] == [s.generated_id for s in slow]
+    for f, s in zip(fast, slow):
+        for lr in f.layers:
+            assert len(s.positions) == f.seq_len and np.all(s.l2[lr.layer] > 0)
+            assert relative_l2_error(lr.l2, s.l2[lr.layer]) <= 1e-9
+            assert relative_l2_error(lr.cos, s.cos[lr.layer]) <= 1e-9
+
+
 def test_prototype_algorithm_sees_the_image(tiny64):
     """The baseline's results depend on the pixels (the prototype's sweep never saw the image: it embedded the image pads themselves)."""
     a = prototype_sweep(tiny64, prepare(tiny64, 4, seed=0), "vision", 1, layers=[1])[0]
@@ -78,13 +93,14 @@ def test_extrapolation_formula():
 def test_suite_smoke(tmp_path):
     out = tmp_path / "out.json"
     cases = [Case("smoke-full", "tiny", 4, 2, num_layers=2, bruteforce=True),
-             Case("smoke-subset", "tiny", 6, 1, num_layers=2, naive_layers=1, naive_positions=2)]
+             Case("smoke-subset", "tiny", 6, 1, num_layers=2, naive_layers=1, naive_positions=2),
+             Case("smoke-text", "text-tiny", 0, 1, num_layers=2, naive_layers=1, mask_mode="text", prompt_tokens=20)]
     records = run_cases(cases, torch.device("cpu"), torch.float32, json_path=str(out), log=lambda m: None)
     assert json.loads(out.read_text()) == json.loads(json.dumps(records))
     backends = available_backends(torch.device("cpu"))
     assert "reference" in backends
     logits = 2 if any(r["logits"] for r in records) else 1
-    assert len(records) == (2 + 1) * len(backends) * logits
+    assert len(records) == (2 + 1 + 1) * len(backends) * logits
     for r in records:
         for key in ("name", "naive_s", "fast_s", "speedup", "tokens_per_s", "peak_mem_mb", "device", "dtype",
                     "backend", "commit", "machine"):
@@ -104,6 +120,8 @@ def test_suite_smoke(tmp_path):
     assert all(r["naive_extrapolated"] and r["naive_layers_measured"] == [0] and r["naive_positions_measured"] == [2]
                for r in sub)
     assert all(r["naive_s"] > r["naive_measured_s"] for r in sub)
+    text = [r for r in records if r["case"] == "smoke-text"]
+    assert all(r["seq_len"] == 20 and r["masked_total"] == 20 * 2 and r["naive_extrapolated"] for r in text)
 
     from benchmarks.plot import plot
 
@@ -124,8 +142,10 @@ def test_presets_are_well_formed():
     for name, preset in bench_run.PRESETS.items():
         assert preset["cases"], name
         for c in preset["cases"]:
-            get_shape(c.shape)
-            assert c.image_tokens >= 1 and c.steps >= 1
+            shape = get_shape(c.shape)
+            assert (c.prompt_tokens >= 1 and c.image_tokens == 0 and c.mask_mode == "text" if shape.text_only
+                    else c.image_tokens >= 1) and c.steps >= 1
     assert any(c.image_tokens == 16384 for c in bench_run.PRESETS["gpu"]["cases"])
     ci = bench_run.PRESETS["ci"]["cases"]
-    assert {c.shape for c in ci} == {"mid", "moe"} and get_shape("moe").num_experts > 0
+    assert {"mid", "moe"} <= {c.shape for c in ci} and get_shape("moe").num_experts > 0
+    assert any(get_shape(c.shape).text_only for c in ci)

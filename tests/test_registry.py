@@ -16,12 +16,18 @@ import maskvl
 from maskvl.errors import ModelLoadError
 from maskvl.models import ModelAdapter, Prepared, load_model, registry, supported_model_types
 from maskvl.models.decoder import TransformersDecoderAdapter
+from maskvl.models.qwen3 import Qwen3Adapter
 from maskvl.models.tiny import build_tokenizer, write_hub_dir
 from naive_support import compare_with_naive
 
 
 class TinyQwen3TextAdapter(TransformersDecoderAdapter):
-    """A minimal text-only family for this test: transformers' Qwen3ForCausalLM."""
+    """A minimal text-only family for this test: transformers' Qwen3ForCausalLM.
+
+    maskvl's own Qwen3 family (``maskvl.models.qwen3``) handles ``qwen3``; the tests register this one in
+    its place for a block (``registry.registered`` replaces and restores), so it stands for a family the
+    engine and the API have never seen.
+    """
 
     MODEL_TYPES = ("qwen3",)
 
@@ -77,21 +83,27 @@ def test_the_contract_lists_everything_the_engine_uses() -> None:
     for attr in ("model_id", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
                  "max_positions", "scale", "dtype", "device", "supports_images"):
         assert attr in inspect.get_annotations(ModelAdapter), attr
+    # Hooks with a default that keeps plain causal decoders as they are: a family overrides them.
+    for name in ("attention_window", "o_proj_bias"):
+        assert name not in abstract and callable(getattr(ModelAdapter, name)), name
     with pytest.raises(TypeError):
         ModelAdapter()  # type: ignore[abstract]
 
 
-def test_unsupported_model_type_is_one_line_naming_the_supported(qwen3_text_dir: Path, run_main) -> None:
-    assert "qwen3" not in supported_model_types()
-    with pytest.raises(ModelLoadError, match=r"unsupported model type 'qwen3' \(supported: .*qwen3_vl"):
-        load_model(str(qwen3_text_dir))
-    code, _, err = run_main(["sweep", "--model", str(qwen3_text_dir), "--prompt", "Hi", "-q"])
-    assert code == 2 and err.startswith("maskvl: error: unsupported model type 'qwen3'") and err.count("\n") == 1
+def test_unsupported_model_type_is_one_line_naming_the_supported(tmp_path: Path, run_main) -> None:
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "gpt2" not in supported_model_types()
+    with pytest.raises(ModelLoadError, match=r"unsupported model type 'gpt2' \(supported: .*llama.*qwen3_vl"):
+        load_model(str(d))
+    code, _, err = run_main(["sweep", "--model", str(d), "--prompt", "Hi", "-q"])
+    assert code == 2 and err.startswith("maskvl: error: unsupported model type 'gpt2'") and err.count("\n") == 1
 
 
 def test_a_second_family_registers_without_touching_engine_or_api(qwen3_text_dir: Path, tmp_path: Path) -> None:
     with registry.registered(TinyQwen3TextAdapter):
-        assert "qwen3" in supported_model_types()
+        assert registry.adapter_class("qwen3") is TinyQwen3TextAdapter
         adapter = load_model(str(qwen3_text_dir), torch.float64)
         assert isinstance(adapter, TinyQwen3TextAdapter)
         # The engine against the naive oracle, float64, every variant and Logits, two steps.
@@ -105,7 +117,7 @@ def test_a_second_family_registers_without_touching_engine_or_api(qwen3_text_dir
         again = maskvl.sweep(adapter.model, prompt="Hello there", mask_mode="both", num_tokens=2, logits=True,
                              tokenizer=adapter.tokenizer)
         assert again.column("l2_distance").to_pylist() == table.column("l2_distance").to_pylist()
-    assert "qwen3" not in supported_model_types()
+    assert registry.adapter_class("qwen3") is Qwen3Adapter  # restored
 
 
 def test_make_tiny_model_family_option(tmp_path: Path, run_main) -> None:

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
-from . import qwen2_vl  # noqa: F401  (registers its adapters)
-from . import qwen3_vl  # noqa: F401  (registers its adapter)
-from . import qwen3_vl_moe  # noqa: F401  (registers its adapter)
+# Each family module registers its adapter(s) on import.
+from . import llama, mistral, qwen2, qwen2_vl, qwen3, qwen3_moe, qwen3_vl, qwen3_vl_moe  # noqa: F401
 from .base import Capture, ImageInfo, ModelAdapter, Prepared
 from .registry import adapter_class, register, supported_model_types
 from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model

@@ -176,12 +176,27 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def kv(self, cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (after norm and RoPE) and values of all cached positions at ``layer``: ``[T, KV, D]`` each."""
+        """Keys (after norm and RoPE) and values of every position at ``layer``: ``[T, KV, D]`` each.
+
+        The cache keeps every position, also at sliding-window layers (see :meth:`attention_window`).
+        """
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many keys a query sees at ``layer`` (itself included), or None for full causal attention.
+
+        A sliding-window layer lets the query at position i attend to keys ``i - window < j <= i`` only
+        (transformers' ``sliding_window``): a key outside the final query's window has no effect there.
+        """
+        return None
 
     # ---------------------------------------------------------------------- replayed pieces
     @abc.abstractmethod
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         """``[d_model, H * D]``."""
+
+    def o_proj_bias(self, layer: int) -> torch.Tensor | None:
+        """``[d_model]``, or None where o_proj has no bias. ``Attn`` includes it; ``Head_N`` does not."""
+        return None
 
     @abc.abstractmethod
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -193,8 +208,10 @@ class ModelAdapter(abc.ABC):
                      attend: AttendFn, dtype: torch.dtype) -> torch.Tensor:
         """One decoder layer for B single-position rows ``h [B, d_model]`` at the final position.
 
-        Attention runs through ``attend`` against the shared clean prefix ``[T, KV, D]``, each row
-        leaving out key ``exclude[b]`` (-1: none, T: its own). Returns ``[B, d_model]``.
+        Attention runs through ``attend`` against the shared clean prefix ``[T, KV, D]`` (the keys before
+        the final position that the final query sees at this layer: at a sliding-window layer, only
+        those inside the window), each row leaving out key ``exclude[b]`` (an index into that prefix;
+        -1: none, T: its own). Returns ``[B, d_model]``.
         """
 
     @abc.abstractmethod

@@ -83,8 +83,16 @@ class TransformersDecoderAdapter(ModelAdapter):
     # -------------------------------------------------------------------------- clean pass
     def new_cache(self) -> Any:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        return DynamicCache(config=self.text_config)
+        cache = DynamicCache(config=self.text_config)
+        # A sliding-window cache layer drops keys that left the window; the engine reads every
+        # position's key (kv), so those layers keep them all. The model's own attention mask still
+        # applies the window (it is built from the config, not from the cache's length).
+        for i, lay in enumerate(cache.layers):
+            if isinstance(lay, DynamicSlidingWindowLayer):
+                cache.layers[i] = DynamicLayer()
+        return cache
 
     def _forward_capture(self, **kwargs: Any) -> Capture:
         """The model's own forward with hooks reading each layer's input, query and rotary tables."""
@@ -163,6 +171,9 @@ class TransformersDecoderAdapter(ModelAdapter):
     # --------------------------------------------------------------------- replayed pieces
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         return self.layers[layer].self_attn.o_proj.weight
+
+    def o_proj_bias(self, layer: int) -> torch.Tensor | None:
+        return self.layers[layer].self_attn.o_proj.bias
 
     # Parameters cast to the compute dtype, kept while they are reused (the MLP and the replayed layer
     # run once per row chunk). Bounded in bytes: a copy of every layer (or of a 150k-row LM head) would

@@ -153,28 +153,65 @@ def tiny_config_dict(
     }
 
 
-def build_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a fixed corpus, with the Qwen special tokens."""
+# Llama 3's chat format (header tokens, <|eot_id|> ending each turn), without the default system turn.
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Mistral's instruct format: <s>[INST] user [/INST] answer</s>.
+MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# style -> (special tokens, bos, eos, pad, chat template)
+TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, str]] = {
+    "qwen": (SPECIAL_TOKENS, None, "<|im_end|>", "<|endoftext|>", CHAT_TEMPLATE),
+    "llama3": (LLAMA3_SPECIAL_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_CHAT_TEMPLATE),
+    "mistral": (MISTRAL_SPECIAL_TOKENS, "<s>", "</s>", None, MISTRAL_CHAT_TEMPLATE),
+}
+
+
+def build_tokenizer(vocab_size: int = 384, style: str = "qwen"):
+    """A byte-level BPE tokenizer trained on a fixed corpus, with one chat format's special tokens and template.
+
+    ``style``: ``qwen`` (ChatML: ``<|im_start|>``/``<|im_end|>`` and the vision tokens; the default),
+    ``llama3`` (header tokens, ``<|eot_id|>``) or ``mistral`` (``[INST]``, ``<s>``/``</s>``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"unknown tokenizer style {style!r} (available: {', '.join(TOKENIZER_STYLES)})")
+    special, bos, eos, pad, template = TOKENIZER_STYLES[style]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        **{k: v for k, v in named.items() if v is not None},
+        additional_special_tokens=[t for t in special if t not in (bos, pad)],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     return fast
 
 
