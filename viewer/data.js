@@ -738,8 +738,8 @@
 
   /**
    * Load what drawing `pairs` for `metric` needs (lazy files; a no-op for
-   * files read whole). The groups of these pairs become the ones on screen:
-   * they are never evicted while they are.
+   * files read whole). The groups of these pairs become the ones on screen,
+   * which the cache never evicts.
    */
   async function ensure(ds, pairs, metric) {
     if (ds.mode !== 'lazy') return;
