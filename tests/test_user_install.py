@@ -30,6 +30,7 @@ import time
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -68,7 +69,7 @@ def _copy_sources(dst: Path) -> None:
 
 
 def _declared_requirements() -> list[str]:
-    """setup.py's ``install_requires`` (a literal list), to install while the wheel builds."""
+    """setup.py's ``install_requires`` (a literal list), installed while the wheel builds (a head start)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "install_requires":
@@ -110,11 +111,11 @@ def _torch_requirement() -> str:
 
 
 @pytest.fixture(scope="session")
-def user_env(tmp_path_factory) -> dict:
+def user_env(tmp_path_factory) -> Iterator[dict]:
     """A fresh virtualenv with torch, the declared dependencies and the maskvl wheel built from this tree.
 
     The wheel build (this interpreter, ``--no-build-isolation``) and the virtualenv's set-up run at once.
-    Returns ``{"bin": venv bin folder, "python": its python, "seconds": set-up time}``.
+    Yields ``{"bin": venv bin folder, "python": its python, "seconds": set-up time}``.
     """
     started = time.monotonic()
     base = tmp_path_factory.mktemp("user-install")
@@ -127,16 +128,15 @@ def user_env(tmp_path_factory) -> dict:
                      "-w", str(wheels), str(src)], cwd=src, env=clean, timeout=BUILD_TIMEOUT_S)
 
     python = env_dir / "bin" / "python"
+    pip_env: dict[str, str] = {}
 
     def make_venv() -> subprocess.CompletedProcess:
         venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-        pip_env = {**clean, **_local_pip_env(python)}
-        proc = _run([str(python), "-m", "pip", "install", "-q", _torch_requirement()], env=pip_env,
-                    timeout=BUILD_TIMEOUT_S)
-        if proc.returncode == 0:
-            proc = _run([str(python), "-m", "pip", "install", "-q", *_declared_requirements()], env=pip_env,
-                        timeout=BUILD_TIMEOUT_S)
-        return proc
+        pip_env.update(clean, **_local_pip_env(python))
+        # --no-compile: byte-compiling all of torch and transformers at install time is most of an install's
+        # time; Python compiles what it imports anyway.
+        return _run([str(python), "-m", "pip", "install", "-q", "--no-compile", _torch_requirement(),
+                     *_declared_requirements()], env=pip_env, timeout=BUILD_TIMEOUT_S)
 
     with ThreadPoolExecutor(2) as pool:
         built, made = pool.submit(build_wheel), pool.submit(make_venv)
@@ -144,9 +144,12 @@ def user_env(tmp_path_factory) -> dict:
         _check(built.result(), "pip wheel --no-build-isolation --no-deps")
     (wheel,) = wheels.glob("maskvl-*.whl")
     # The wheel's own metadata decides its dependencies: anything the pre-install missed comes in here.
-    _check(_run([str(python), "-m", "pip", "install", "-q", str(wheel)], env={**clean, **_local_pip_env(python)},
+    _check(_run([str(python), "-m", "pip", "install", "-q", "--no-compile", str(wheel)], env=pip_env,
                 timeout=BUILD_TIMEOUT_S), "pip install maskvl-*.whl")
-    return {"bin": env_dir / "bin", "python": python, "seconds": time.monotonic() - started}
+    yield {"bin": env_dir / "bin", "python": python, "seconds": time.monotonic() - started}
+    # 1.5 GB: pytest keeps its last few temporary folders; the user's working directory stays for a look.
+    shutil.rmtree(env_dir, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
