@@ -83,11 +83,14 @@ setup(
         "click>=8.1",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # Part of the product, not extras: `maskvl render` draws with matplotlib, and results are
+        # pyarrow tables whose natural next step is `table.to_pandas()`.
+        "matplotlib>=3.7",
+        "pandas>=2",
     ],
     extras_require={
         "triton": ["triton>=3.3"],
-        "render": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "playwright>=1.40", "matplotlib>=3.7", "triton>=3.3"],
+        "test": ["pytest>=8", "playwright>=1.40", "triton>=3.3"],
     },
     entry_points={"console_scripts": ["maskvl=maskvl.cli:main"]},
     ext_modules=ext_modules,
