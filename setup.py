@@ -1,7 +1,8 @@
 """Build and install maskvl.
 
-The C++ extension ``maskvl._C`` (``csrc/*.cpp``) is built with torch's cpp_extension when torch is
-importable at build time; install with ``pip install --no-build-isolation .`` so the build sees the
+The C++ extension (``csrc/*.cpp``, compiled as ``maskvl._C_impl`` and imported as ``maskvl._C``, a
+small module that imports torch first) is built with torch's cpp_extension when torch is importable
+at build time; install with ``pip install --no-build-isolation .`` so the build sees the
 torch you already have (an isolated build would pull a fresh, multi-GB torch). If torch is missing or
 the compiler fails, maskvl installs without the extension and runs on its reference path
 (``maskvl info`` says why). No network or pip calls happen here.
@@ -51,7 +52,8 @@ if sources and os.environ.get("MASKVL_NO_EXT") != "1":
 
         ext_modules.append(
             CppExtension(
-                "maskvl._C",
+                # maskvl/_C.py imports torch (whose shared libraries this links against), then this.
+                "maskvl._C_impl",
                 sources,
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
             )
@@ -89,8 +91,10 @@ setup(
         "pandas>=2",
     ],
     extras_require={
-        "triton": ["triton>=3.3"],
-        "test": ["pytest>=8", "playwright>=1.40", "triton>=3.3"],
+        # 3.5: the first Triton whose float64 tl.dot compiles for sm_80/sm_90 (kernels/_launch.py refuses
+        # float64 on older ones); compile-checked with 3.9.
+        "triton": ["triton>=3.5"],
+        "test": ["pytest>=8", "playwright>=1.40", "triton>=3.5"],
     },
     entry_points={"console_scripts": ["maskvl=maskvl.cli:main"]},
     ext_modules=ext_modules,

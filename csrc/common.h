@@ -1,6 +1,6 @@
 // Shared helpers of the maskvl CPU ops (header only; each op lives in its own .cpp file).
 //
-// The op schemas are defined from Python (maskvl/ops/_library.py) so that the Triton kernels can
+// The op schemas are defined from Python (maskvl/ops/<op>.py) so that the Triton kernels can
 // register for CUDA even when this extension is not built; the .cpp files here only add the CPU
 // kernels with TORCH_LIBRARY_IMPL(maskvl, CPU, m).
 #pragma once

@@ -1,39 +1,24 @@
-"""Triton kernels of the maskvl ops.
+"""Triton kernels of the maskvl ops and their launchers: a leaf package.
 
-Importing this package imports triton, so set ``TRITON_INTERPRET=1`` before importing it if the
-kernels are to run on CPU tensors through the Triton interpreter (how CI tests them). On import the
-launch functions are registered as the CUDA kernels of the ``maskvl::`` ops (schemas from
-``maskvl/ops/_library.py``), so ``torch.ops.maskvl.<op>`` on CUDA tensors runs them.
+Importing this package imports nothing, not even triton, and nothing here imports ``maskvl``.
+transformers looks for Hugging Face's kernel hub package, also called ``kernels``, and imports
+whatever package of that name it finds on ``sys.path``; run from a source checkout's root, that is
+this folder, which must then import cleanly with or without triton (and, lacking a ``__version__``,
+is not taken for the hub package). The submodules import triton:
+
+``loo_attention``, ``head_distances``, ``vector_distances``, ``decode_attention``
+    one op each: its kernels and the launcher that takes torch tensors
+``distances``
+    the distance formula as a Triton device function (shared by the two distance ops)
+``_launch``
+    the single launch point (device guard, compile-only runs), compute dtypes, version rules and the
+    numerics of the compiled code
+``compile_check``
+    a tool (``make compile-check``): compiles every kernel for sm_80 and sm_90 without a GPU
+
+``maskvl.ops`` imports the op modules (installed as ``maskvl._kernels``; see ``setup.py``) and
+registers the launchers as the CUDA kernels of the ``maskvl::`` ops. Set ``TRITON_INTERPRET=1``
+before they are first imported to run them on CPU tensors through the Triton interpreter.
 """
 
-from __future__ import annotations
-
-import torch
-import triton
-
-from maskvl.ops import _library  # noqa: F401  (defines the op schemas before the kernels register)
-
-from .decode_attention import _decode, decode_attention
-from .head_distances import head_distances, vector_distances
-from .loo_attention import loo_attention
-
-LAUNCHERS = {
-    "loo_attention": loo_attention,
-    "head_distances": head_distances,
-    "vector_distances": vector_distances,
-    "decode_attention": decode_attention,
-}
-
-for _name, _fn in LAUNCHERS.items():
-    torch.library.register_kernel(f"maskvl::{_name}", "cuda", _fn)
-
-
-def interpreted() -> bool:
-    """True if the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_decode, InterpretedFunction)
-
-
-__all__ = ["LAUNCHERS", "decode_attention", "head_distances", "interpreted", "loo_attention", "vector_distances",
-           "triton"]
+OPS = ("loo_attention", "head_distances", "vector_distances", "decode_attention")

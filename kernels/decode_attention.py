@@ -6,8 +6,14 @@
 
 One program per (KV head, block of variants): its BLOCK_R query rows are (variant, head-of-group)
 pairs, so every prefix tile is loaded once per program and used by all of them through ``tl.dot``
-(fp32 in IEEE precision; fp64 for fp64 inputs); online softmax over prefix tiles, then the own row.
-The prefix is never expanded per variant. Tiles: BLOCK_R >= 16, BLOCK_T = 32, BLOCK_D >= 16, powers of two.
+(full float32 products, ``input_precision="ieee"``, not TF32; float64 for float64 inputs); online softmax
+over prefix tiles, then the own row. The prefix is never expanded per variant. Tiles: BLOCK_R >= 16,
+BLOCK_T >= 16, BLOCK_D >= 16, powers of two. Offsets are 64-bit (program ids and rows widened first).
+Numerics of the compiled code: ``kernels/_launch.py``.
+
+The [BLOCK_R, BLOCK_D] accumulator, the query tile and the K/V tiles live in registers; tile rows,
+warps and pipelining per prefix dtype are in :func:`launch_config` (``make compile-check`` prints the
+register and spill counts).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from maskvl.measures import compute_dtype
+from . import _launch
+from ._launch import acc_type, compute_dtype
 
 
 @triton.jit
@@ -24,10 +31,10 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
             B, H, T, D, skt, skh, svt, svh, skob, skoh, svob, svoh,
             G: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    kv = tl.program_id(0)
+    kv = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     bi = r // G
-    b = tl.program_id(1) * BB + bi
+    b = tl.program_id(1).to(tl.int64) * BB + bi
     rv = (bi < BB) & (b < B)  # rows past BB * G or past the last variant are padding
     h = kv * G + r % G
     offs_d = tl.arange(0, BLOCK_D)
@@ -41,7 +48,7 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
     l = tl.zeros([BLOCK_R], ACC)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         mt = offs_t < T
         tmask = mt[:, None] & md[None, :]
         k = tl.load(kp_ptr + offs_t[:, None] * skt + kv * skh + offs_d[None, :], mask=tmask, other=0.0).to(ACC)
@@ -74,9 +81,24 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
     tl.store(out_ptr + (b[:, None] * H + h[:, None]) * D + offs_d[None, :], out, mask=rmask)
 
 
+def launch_config(prefix_dtype: torch.dtype) -> dict[str, int]:
+    """Prefix tile rows, warps and pipeline stages of ``_decode`` for a prefix (KV cache) dtype.
+
+    Chosen with ``make compile-check`` at Qwen3-VL-4B's shapes (BLOCK_R 32, D 128) for sm_80 and sm_90;
+    registers per thread: float32 prefixes ~110 at 8 warps, 3 stages; bf16/fp16 prefixes spill at 4
+    warps (~10 KB per thread) and still at 8 (~450 B) unless their K/V tiles are halved to 16 rows and
+    not software-pipelined (~130 registers, none spilled: the upcast copies of pipelined 16-bit tiles are
+    what overflows); float64 at 8 warps spills a few dozen bytes (reported, not failed).
+    """
+    if prefix_dtype in (torch.bfloat16, torch.float16):
+        return {"BLOCK_T": 16, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_T": 32, "num_warps": 8, "num_stages": 3}
+
+
 def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor,
                      v_own: torch.Tensor, scale: float, exclude: torch.Tensor) -> torch.Tensor:
-    """Launch the shared-prefix decode attention kernel; returns ``out [B, H, D]`` in the compute dtype."""
+    """Launch the shared-prefix decode attention kernel on the inputs' device; returns ``out [B, H, D]``
+    in the compute dtype."""
     if q.dim() != 3 or k_prefix.dim() != 3 or k_prefix.shape != v_prefix.shape or k_prefix.shape[2] != q.shape[2]:
         raise ValueError(f"decode_attention: need q [B, H, D], k_prefix = v_prefix [T, KV, D]; got {tuple(q.shape)}, "
                          f"{tuple(k_prefix.shape)}, {tuple(v_prefix.shape)}")
@@ -87,6 +109,7 @@ def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Te
                          f"exclude [{B}]; got {tuple(k_own.shape)}, {tuple(v_own.shape)}, {tuple(exclude.shape)}")
     G = H // KV
     cd = compute_dtype(q.dtype)
+    _launch.check_float64(cd)
     dev = q.device
     q = q.contiguous()
     k_prefix, v_prefix, k_own, v_own = (x if x.stride(-1) == 1 else x.contiguous()
@@ -99,10 +122,10 @@ def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Te
     BB = BLOCK_R // G  # variants per program
     BLOCK_D = max(16, triton.next_power_of_2(D))
     scale_t = torch.full((1,), scale, dtype=cd, device=dev)  # a float kernel argument would be fp32
-    acc = tl.float64 if cd == torch.float64 else tl.float32
-    _decode[(KV, triton.cdiv(B, BB))](
+    _launch.launch(
+        _decode, (KV, triton.cdiv(B, BB)),
         q, k_prefix, v_prefix, k_own, v_own, exclude, scale_t, out,
         B, H, T, D, k_prefix.stride(0), k_prefix.stride(1), v_prefix.stride(0), v_prefix.stride(1),
         k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1),
-        G=G, BB=BB, ACC=acc, BLOCK_R=BLOCK_R, BLOCK_T=32, BLOCK_D=BLOCK_D)
+        G=G, BB=BB, ACC=acc_type(cd), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, **launch_config(k_prefix.dtype))
     return out

@@ -1,4 +1,4 @@
-"""The distance formula of :func:`maskvl.measures.distances_from_moments` as a Triton device function."""
+"""The distance formula of ``maskvl.numerics.distances_from_moments`` as a Triton device function."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""Triton fused distances: ``maskvl::head_distances`` and ``maskvl::vector_distances`` for CUDA tensors.
+"""Triton fused per-head distances (``maskvl::head_distances`` for CUDA tensors).
 
-head_distances: ``o [H, D]``, ``delta [T, H, D]``, ``gram [H, D, D]`` -> ``l2, cos [T, H]``. One program
-per (head, block of BLOCK_T rows) forms ``G_h delta`` for its tile only, BLOCK_N output columns at a time
-(``tl.dot`` over BLOCK_Y chunks of the inner dimension, fp32 in IEEE precision, not TF32), and reduces
-the moments B = o.(G d), C = d.(G d) and A = o.(G o) on the fly; nothing of size [T, H, D] is written.
-vector_distances: ``clean [N]``, ``delta [T, N]`` -> ``l2, cos [T]``, B = <c, d_t> and C = |d_t|^2
-reduced in one pass over each row. All tl.dot tiles are >= 16 in every dimension and all block sizes
-are powers of two, so the same kernels compile for real GPUs.
+``o [H, D]``, ``delta [T, H, D]``, ``gram [H, D, D]`` -> ``l2, cos [T, H]``; same math as
+``maskvl/ops/head_distances.py`` and ``csrc/head_distances.cpp``. One program per (head, block of
+BLOCK_T rows) forms ``G_h delta`` for its tile only, BLOCK_N output columns at a time (``tl.dot`` over
+BLOCK_Y chunks of the inner dimension, in full float32 (``input_precision="ieee"``, not TF32) or
+float64), and reduces the moments B = o.(G d), C = d.(G d) and A = o.(G o) on the fly; nothing of size
+[T, H, D] is written. All tl.dot tiles are >= 16 in every dimension and all block sizes are powers of
+two, so the kernel compiles for real GPUs. Row offsets are 64-bit (``T * H * D`` may pass 2^31).
+Numerics of the compiled code: ``kernels/_launch.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
-from maskvl.measures import compute_dtype
-
+from . import _launch
+from ._launch import acc_type, compute_dtype
 from .distances import distances_from_moments
+
+# Eight warps: at four, the [64, 64] tiles of G_h delta, delta and G_h (float32) need more than the 255
+# registers a thread can have and spill (make compile-check shows the counts).
+NUM_WARPS = 8
 
 
 @triton.jit
 def _head_distances(o_ptr, d_ptr, g_ptr, l2_ptr, cos_ptr, T, H, D,
                     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Y: tl.constexpr):
-    h = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = offs_t < T
     Bv = tl.zeros([BLOCK_T], ACC)
     Cv = tl.zeros([BLOCK_T], ACC)
@@ -56,32 +61,6 @@ def _head_distances(o_ptr, d_ptr, g_ptr, l2_ptr, cos_ptr, T, H, D,
     tl.store(cos_ptr + offs_t * H + h, cosd, mask=mt)
 
 
-@triton.jit
-def _vector_distances(c_ptr, d_ptr, l2_ptr, cos_ptr, T, N,
-                      ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mt = offs_t < T
-    Bv = tl.zeros([BLOCK_T], ACC)
-    Cv = tl.zeros([BLOCK_T], ACC)
-    Av = tl.zeros([BLOCK_N], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < N
-        c = tl.load(c_ptr + offs_n, mask=mn, other=0.0)
-        d = tl.load(d_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.0)
-        Bv += tl.sum(d * c[None, :], axis=1)
-        Cv += tl.sum(d * d, axis=1)
-        Av += c * c
-    A = tl.sum(Av, axis=0)
-    l2, cosd = distances_from_moments(A, Bv, Cv, ACC)
-    tl.store(l2_ptr + offs_t, l2, mask=mt)
-    tl.store(cos_ptr + offs_t, cosd, mask=mt)
-
-
-def _acc(cd: torch.dtype):
-    return tl.float64 if cd == torch.float64 else tl.float32
-
-
 def head_distances(o: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``o [H, D]``, ``delta [T, H, D]``, ``gram [H, D, D]`` -> ``(l2 [T, H], cos [T, H])`` in the compute dtype.
 
@@ -92,6 +71,7 @@ def head_distances(o: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor) -> 
                          f"{tuple(delta.shape)}, {tuple(gram.shape)}")
     T, H, D = delta.shape
     cd = compute_dtype(delta.dtype)
+    _launch.check_float64(cd)
     o, delta, gram = (x.to(cd).contiguous() for x in (o, delta, gram))
     l2 = torch.empty(T, H, dtype=cd, device=delta.device)
     cosd = torch.empty(T, H, dtype=cd, device=delta.device)
@@ -99,24 +79,6 @@ def head_distances(o: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor) -> 
         return l2, cosd
     # 64 x 64 tiles: few enough iterations for the interpreter, small enough for registers on a GPU.
     BLOCK_T = 64
-    _head_distances[(H, triton.cdiv(T, BLOCK_T))](o, delta, gram, l2, cosd, T, H, D, ACC=_acc(cd),
-                                                  BLOCK_T=BLOCK_T, BLOCK_N=64, BLOCK_Y=64)
-    return l2, cosd
-
-
-def vector_distances(clean: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``clean [N]``, ``delta [T, N]`` -> ``(l2 [T], cos [T])`` in the compute dtype of ``delta``."""
-    if delta.dim() != 2 or clean.shape != delta.shape[1:]:
-        raise ValueError(f"vector_distances: need clean [N], delta [T, N]; got {tuple(clean.shape)}, "
-                         f"{tuple(delta.shape)}")
-    T, N = delta.shape
-    cd = compute_dtype(delta.dtype)
-    clean, delta = clean.to(cd).contiguous(), delta.to(cd).contiguous()
-    l2 = torch.empty(T, dtype=cd, device=delta.device)
-    cosd = torch.empty(T, dtype=cd, device=delta.device)
-    if T == 0:
-        return l2, cosd
-    BLOCK_T = 32
-    _vector_distances[(triton.cdiv(T, BLOCK_T),)](clean, delta, l2, cosd, T, N, ACC=_acc(cd),
-                                                  BLOCK_T=BLOCK_T, BLOCK_N=256)
+    _launch.launch(_head_distances, (H, triton.cdiv(T, BLOCK_T)), o, delta, gram, l2, cosd, T, H, D,
+                   ACC=acc_type(cd), BLOCK_T=BLOCK_T, BLOCK_N=64, BLOCK_Y=64, num_warps=NUM_WARPS)
     return l2, cosd

@@ -14,7 +14,11 @@ Same math as ``csrc/loo_attention.cpp`` and ``maskvl/ops/loo_attention.py``: ``q
 
 Scratch: scores [H, T], partials [H, T/BLOCK_T, D]: small next to K and V. Everything after the
 loads runs in float32 (float64 for float64 inputs): the Triton interpreter gets bf16 arithmetic wrong,
-and the reference upcasts too. ``/`` is IEEE division in Triton (div.rn) for fp32 and fp64. No tl.dot here, so no tile-shape constraints beyond powers of two.
+and the reference upcasts too. Division and ``exp`` are IEEE-exact only under the interpreter and in
+float64; compiled float32 uses the approximate instructions described in ``kernels/_launch.py``. No
+tl.dot here, so no tile-shape constraints beyond powers of two. Row offsets are formed in 64 bits
+(program ids and row indices are widened first): ``T * H * D`` passes 2^31 at T = 524,288 for
+Qwen3-VL-4B's 32 x 128.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from maskvl.measures import compute_dtype
+from . import _launch
+from ._launch import acc_type, compute_dtype
 
 BLOCK_T = 64
 
@@ -31,8 +36,8 @@ BLOCK_T = 64
 @triton.jit
 def _scores(q_ptr, k_ptr, s_ptr, scale_ptr, T, D, skt, skh,
             G: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    kv = tl.program_id(0)
-    idx = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kv = tl.program_id(0).to(tl.int64)
+    idx = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mt = idx < T
     md = offs_d < D
@@ -48,7 +53,7 @@ def _scores(q_ptr, k_ptr, s_ptr, scale_ptr, T, D, skt, skh,
 
 @triton.jit
 def _stats(s_ptr, stat_ptr, j_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
     m1 = tl.full([], float("-inf"), ACC)
     m2 = tl.full([], float("-inf"), ACC)
@@ -80,8 +85,8 @@ def _stats(s_ptr, stat_ptr, j_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
 @triton.jit
 def _pv(v_ptr, s_ptr, stat_ptr, j_ptr, part_ptr, T, D, NB, svt, svh,
         G: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    kv = tl.program_id(0)
-    tb = tl.program_id(1)
+    kv = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1).to(tl.int64)
     idx = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mt = idx < T
@@ -101,7 +106,7 @@ def _pv(v_ptr, s_ptr, stat_ptr, j_ptr, part_ptr, T, D, NB, svt, svh,
 @triton.jit
 def _finalize(v_ptr, part_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, D, NB, svt, svh,
               G: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)
     kv = h // G
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -116,7 +121,7 @@ def _finalize(v_ptr, part_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, D, NB, svt, svh,
     m2 = tl.load(stat_ptr + h * 4 + 1)
     zp = tl.load(stat_ptr + h * 4 + 2)
     zfull = tl.load(stat_ptr + h * 4 + 3)
-    j1 = tl.load(j_ptr + h)
+    j1 = tl.load(j_ptr + h).to(tl.int64)
     vb = tl.load(v_ptr + j1 * svt + kv * svh + offs_d, mask=md, other=0.0).to(ACC)
     o = (u * tl.exp(m2 - m1) + vb) / zfull
     owo = u / zp
@@ -127,8 +132,8 @@ def _finalize(v_ptr, part_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, D, NB, svt, svh,
 @triton.jit
 def _delta(v_ptr, s_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, delta_ptr, T, H, D, svt, svh,
            G: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    kv = tl.program_id(0)
-    idx = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kv = tl.program_id(0).to(tl.int64)
+    idx = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mt = idx < T
     md = offs_d < D
@@ -152,12 +157,8 @@ def _delta(v_ptr, s_ptr, stat_ptr, j_ptr, o_ptr, owo_ptr, delta_ptr, T, H, D, sv
         tl.store(delta_ptr + (idx[:, None] * H + h) * D + offs_d[None, :], d, mask=mask)
 
 
-def _acc(cd: torch.dtype):
-    return tl.float64 if cd == torch.float64 else tl.float32
-
-
 def loo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the leave-one-out attention kernels.
+    """Launch the leave-one-out attention kernels on the inputs' device.
 
     Args:
         q: ``[H, D]``; k, v: ``[T, KV, D]`` (any strides with a contiguous last dim); scale: softmax scale.
@@ -174,6 +175,7 @@ def loo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         raise ValueError(f"loo_attention: need T >= 1 and H ({H}) a multiple of KV ({KV})")
     G = H // KV
     cd = compute_dtype(q.dtype)
+    _launch.check_float64(cd)
     dev = q.device
     q = q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -183,7 +185,7 @@ def loo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return o, (-o).unsqueeze(0)
     BLOCK_D = triton.next_power_of_2(D)
     NB = triton.cdiv(T, BLOCK_T)
-    acc = _acc(cd)
+    acc = acc_type(cd)
     s = torch.empty(H, T, dtype=cd, device=dev)
     stats = torch.empty(H, 4, dtype=cd, device=dev)  # m1, m2, Z', Z
     j1 = torch.empty(H, dtype=torch.int32, device=dev)
@@ -192,13 +194,13 @@ def loo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     owo = torch.empty(H, D, dtype=cd, device=dev)
     delta = torch.empty(T, H, D, dtype=cd, device=dev)
     scale_t = torch.full((1,), scale, dtype=cd, device=dev)  # a float kernel argument would be fp32
-    _scores[(KV, NB)](q, k, s, scale_t, T, D, k.stride(0), k.stride(1),
-                      G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
-    _stats[(H,)](s, stats, j1, T, ACC=acc, BLOCK_T=256)
-    _pv[(KV, NB)](v, s, stats, j1, part, T, D, NB, v.stride(0), v.stride(1),
-                  G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
-    _finalize[(H,)](v, part, stats, j1, o, owo, D, NB, v.stride(0), v.stride(1),
-                    G=G, ACC=acc, BLOCK_N=16, BLOCK_D=BLOCK_D)
-    _delta[(KV, NB)](v, s, stats, j1, o, owo, delta, T, H, D, v.stride(0), v.stride(1),
-                     G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+    _launch.launch(_scores, (KV, NB), q, k, s, scale_t, T, D, k.stride(0), k.stride(1),
+                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+    _launch.launch(_stats, (H,), s, stats, j1, T, ACC=acc, BLOCK_T=256)
+    _launch.launch(_pv, (KV, NB), v, s, stats, j1, part, T, D, NB, v.stride(0), v.stride(1),
+                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+    _launch.launch(_finalize, (H,), v, part, stats, j1, o, owo, D, NB, v.stride(0), v.stride(1),
+                   G=G, ACC=acc, BLOCK_N=16, BLOCK_D=BLOCK_D)
+    _launch.launch(_delta, (KV, NB), v, s, stats, j1, o, owo, delta, T, H, D, v.stride(0), v.stride(1),
+                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
     return o, delta

@@ -7,6 +7,7 @@ whether the CPU kernels are registered and :func:`load_error` the reason they ar
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import warnings
 
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None, "warned": False}
@@ -20,12 +21,17 @@ def load(warn: bool = True) -> bool:
     """
     if not _state["tried"]:
         _state["tried"] = True
-        from .ops import _library  # noqa: F401  (the schemas must exist for the kernels to be callable)
+        from . import ops  # noqa: F401  (the schemas must exist for the kernels to be callable)
 
         try:
-            importlib.import_module("maskvl._C")
-
-            _state["ok"] = True
+            mod = importlib.import_module("maskvl._C")
+            path = str(getattr(mod, "__file__", "") or "")
+            if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+                # A library built before the extension was renamed to maskvl._C_impl shadows _C.py.
+                _state["error"] = (f"maskvl._C is a stale build ({path}); delete it and rebuild "
+                                   f"(make clean install)")
+            else:
+                _state["ok"] = True
         except ImportError as exc:  # not built, or built against another torch
             _state["error"] = f"maskvl._C not built: {exc}"
         except OSError as exc:  # a broken shared library

@@ -52,6 +52,10 @@ import re
 
 import torch
 
+# The two numeric helpers live in maskvl/numerics.py, where the ops use them without importing the
+# measure definitions; measures re-exports them (this module's docstring keeps the formulas).
+from .numerics import compute_dtype, distances_from_moments  # noqa: F401
+
 FULL = "Full"
 ATTN = "Attn"
 LOGITS = "Logits"
@@ -99,36 +103,6 @@ def variant_sort_key(name: str) -> tuple[int, int, str]:
     if name == LOGITS:
         return (3, 0, "")
     return (4, 0, name)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype measures are computed in: float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def distances_from_moments(
-    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 and cosine distance of ``c`` and ``m = c + d`` from ``A = |c|^2``, ``B = <c,d>``, ``C = |d|^2``.
-
-    Shapes broadcast together (e.g. ``A [1, H]``, ``B [T, H]``, ``C [T, H]``). Returns
-    ``(l2, cosine_distance)`` in the dtype of the inputs; see the module docstring for the formula.
-    """
-    A, B, C = torch.broadcast_tensors(A, B, C)
-    C = C.clamp_min(0)
-    nc = A.clamp_min(0).sqrt()
-    nm = (A + 2 * B + C).clamp_min(0).sqrt()
-    l2 = C.sqrt()
-    denom = nc + nm
-    safe = denom > 0
-    diff = torch.where(safe, (2 * B + C) / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-    prod = nc * nm
-    both = prod > 0
-    cos = (C - diff * diff) / torch.where(both, 2 * prod, torch.ones_like(prod))
-    cos = cos.clamp(0, 2)
-    # Degenerate cases: one vector zero -> 1 (orthogonal by convention); both zero -> 0 (identical).
-    cos = torch.where(both, cos, torch.where(safe, torch.ones_like(cos), torch.zeros_like(cos)))
-    return l2, cos
 
 
 def logits_effects(clean: torch.Tensor, masked: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:

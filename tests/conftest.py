@@ -13,6 +13,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    # `make gpu-check` selects these with -m cuda; without CUDA they skip (or, for the Triton op
+    # tests, run under the Triton interpreter).
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device when there is one (make gpu-check)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     # The built-in model is built into MASKVL_CACHE on first use; keep tests off the user's cache.

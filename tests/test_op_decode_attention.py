@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskvl.measures import compute_dtype
+from maskvl.numerics import compute_dtype
 from maskvl.ops.decode_attention import decode_attention_reference
-from maskvl.ops.testing import RTOL, assert_rows_close, case_id, compiled_backend, shape_cases
+from maskvl.ops.testing import assert_rows_close, backend_params, case_id, compiled_backend, rtol, shape_cases
 
-BACKENDS = ["cpp", "triton"]
+BACKENDS = backend_params()
 CASES = [(T, D, H, KV, dt) for (T, D, H, KV) in shape_cases() for dt in (torch.float32, torch.float64)]
 CASES += [(T, D, H, KV, torch.bfloat16) for (T, D, H, KV) in shape_cases() if D == 128 and T in (2, 1025)]
 
@@ -37,7 +37,7 @@ def test_decode_attention_matches_reference(backend_name, T, D, H, KV, dtype):
     scale = D ** -0.5
     out = backend.decode_attention(*(x.to(dev) for x in (q, kp, vp, ko, vo)), scale, ex.to(dev))
     ref = decode_attention_reference(q, kp, vp, ko, vo, scale, ex)
-    assert_rows_close(out.cpu(), ref, RTOL[compute_dtype(dtype)], "out")
+    assert_rows_close(out.cpu(), ref, rtol(compute_dtype(dtype), dev), "out")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -64,7 +64,7 @@ def test_decode_attention_sink(backend_name, gap, dtype):
     out = backend.decode_attention(*(x.to(dev) for x in (q, kp, vp, ko, vo)), scale, ex.to(dev))
     ref = decode_attention_reference(q.double(), kp.double(), vp.double(), ko.double(), vo.double(), scale, ex)
     cd = compute_dtype(dtype)
-    assert_rows_close(out.cpu(), ref.to(cd), RTOL[cd], "out vs float64 masking")
+    assert_rows_close(out.cpu(), ref.to(cd), rtol(cd, dev), "out vs float64 masking")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -80,4 +80,4 @@ def test_decode_attention_strided_cache(backend_name, dtype):
     out = backend.decode_attention(q.to(dev), kc.transpose(0, 1), vc.transpose(0, 1), own[:, 0], own[:, 1], D ** -0.5,
                                    ex.to(dev))
     ref = decode_attention_reference(q, kp, vp, ko, vo, D ** -0.5, ex)
-    assert_rows_close(out.cpu(), ref, RTOL[compute_dtype(dtype)], "out")
+    assert_rows_close(out.cpu(), ref, rtol(compute_dtype(dtype), dev), "out")

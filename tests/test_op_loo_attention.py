@@ -6,20 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskvl.measures import compute_dtype
+from maskvl.numerics import compute_dtype
 from maskvl.ops.loo_attention import loo_attention_reference
 from maskvl.ops.testing import (
-    RTOL,
     assert_rows_close,
+    backend_params,
     bruteforce_atol,
     case_id,
     compiled_backend,
     loo_bruteforce,
     make_sink,
+    rtol,
     shape_cases,
 )
 
-BACKENDS = ["cpp", "triton"]
+BACKENDS = backend_params()
 CASES = [(T, D, H, KV, dt) for (T, D, H, KV) in shape_cases() for dt in (torch.float32, torch.float64)]
 # bf16 inputs (the model's KV cache): the ops upcast on load; compared with the reference on the same inputs.
 CASES += [(T, D, H, KV, torch.bfloat16) for (T, D, H, KV) in shape_cases() if D == 128 and T in (2, 1025)]
@@ -41,9 +42,9 @@ def test_loo_attention_matches_reference(backend_name, T, D, H, KV, dtype):
     scale = D ** -0.5
     o, delta = backend.loo_attention(q.to(dev), k.to(dev), v.to(dev), scale)
     ro, rdelta = loo_attention_reference(q, k, v, scale)
-    rtol = RTOL[compute_dtype(dtype)]
-    assert_rows_close(o.cpu(), ro, rtol, "o")
-    assert_rows_close(delta.cpu(), rdelta, rtol, "delta")
+    tol = rtol(compute_dtype(dtype), dev)
+    assert_rows_close(o.cpu(), ro, tol, "o")
+    assert_rows_close(delta.cpu(), rdelta, tol, "delta")
 
 
 SINKS = [(T, KV * r, KV, gap, dt) for T in (97, 1025) for (KV, r) in ((2, 1), (1, 4)) for gap in (15.0, 30.0)
@@ -67,15 +68,15 @@ def test_loo_attention_sink(backend_name, T, H, KV, gap, dtype):
     o, delta = backend.loo_attention(q.to(dev), k.to(dev), v.to(dev), scale)
     o, delta = o.cpu(), delta.cpu()
     cd = compute_dtype(dtype)
-    rtol = RTOL[cd]
+    tol = rtol(cd, dev)
     bo, bdelta = loo_bruteforce(q, k, v, scale)
     # The sink row is the one the closed form gets wrong; it is O(1) (no atol hides it).
     assert bdelta[sink].abs().amax(-1).min() > 0.1
-    assert_rows_close(delta[sink], bdelta[sink].to(cd), rtol, "delta[sink] vs explicit masking")
-    assert_rows_close(o, bo.to(cd), rtol, "o vs explicit masking")
-    assert_rows_close(delta, bdelta.to(cd), rtol, "delta vs explicit masking", atol=bruteforce_atol(v, T))
+    assert_rows_close(delta[sink], bdelta[sink].to(cd), tol, "delta[sink] vs explicit masking")
+    assert_rows_close(o, bo.to(cd), tol, "o vs explicit masking")
+    assert_rows_close(delta, bdelta.to(cd), tol, "delta vs explicit masking", atol=bruteforce_atol(v, T))
     ro, rdelta = loo_attention_reference(q.double(), k.double(), v.double(), scale)
-    assert_rows_close(delta, rdelta.to(cd), rtol, "delta vs float64 reference")
+    assert_rows_close(delta, rdelta.to(cd), tol, "delta vs float64 reference")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -91,9 +92,9 @@ def test_loo_attention_strided_kv_cache(backend_name, dtype):
     assert not kt.is_contiguous()
     o, delta = backend.loo_attention(q.to(dev), kt, vt, D ** -0.5)
     ro, rdelta = loo_attention_reference(q, k, v, D ** -0.5)
-    rtol = RTOL[compute_dtype(dtype)]
-    assert_rows_close(o.cpu(), ro, rtol, "o")
-    assert_rows_close(delta.cpu(), rdelta, rtol, "delta")
+    tol = rtol(compute_dtype(dtype), dev)
+    assert_rows_close(o.cpu(), ro, tol, "o")
+    assert_rows_close(delta.cpu(), rdelta, tol, "delta")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

@@ -7,7 +7,8 @@ import torch
 
 from maskvl.ops import head_grams
 from maskvl.ops.decode_attention import decode_attention_reference
-from maskvl.ops.head_distances import head_distances_reference, vector_distances_reference
+from maskvl.ops.head_distances import head_distances_reference
+from maskvl.ops.vector_distances import vector_distances_reference
 from maskvl.ops.loo_attention import loo_attention_reference
 from maskvl.measures import vector_distances_direct
 

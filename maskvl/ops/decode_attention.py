@@ -1,4 +1,4 @@
-"""Shared-prefix batched decode attention: the reference.
+"""Shared-prefix batched decode attention: schema, fake kernel, reference and backend dispatch.
 
 B single-token decode steps (one per masked variant) that share one clean K/V prefix. Variant ``b``
 has its own query ``q[b] [H, D]`` and its own key/value row ``k_own[b], v_own[b] [KV, D]`` for the
@@ -9,14 +9,26 @@ final position, and may exclude one key:
     out[b, h] = softmax_j(scale * <q[b, h], keys_b[j]>) @ values_b     (excluded key at -inf)
 
 The prefix is never copied or expanded per variant. Arithmetic in float64 for float64 inputs, else
-float32.
+float32. Implementations: :func:`decode_attention_reference` (here), ``csrc/decode_attention.cpp``
+(CPU), ``kernels/decode_attention.py`` (Triton).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from ..measures import compute_dtype
+from ..numerics import compute_dtype
+from ._library import define
+
+OP = define("decode_attention", "(Tensor q, Tensor k_prefix, Tensor v_prefix, Tensor k_own, Tensor v_own, "
+            "float scale, Tensor exclude) -> Tensor")
+
+
+@torch.library.register_fake(OP)
+def _fake(q, k_prefix, v_prefix, k_own, v_own, scale, exclude):
+    return q.new_empty(q.shape, dtype=compute_dtype(q.dtype))
 
 
 def decode_attention_reference(
@@ -56,3 +68,23 @@ def decode_attention_reference(
     out = torch.einsum("bkgt,tkd->bkgd", a[..., :T], v_prefix.to(cd))
     out = out + a[..., T:] * v_own.to(cd).unsqueeze(2)
     return out.reshape(B, H, D)
+
+
+# --- backend dispatch (maskvl/ops/backends.py calls these) ------------------------------------------
+def run_cpp(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor,
+            v_own: torch.Tensor, scale: float, exclude: torch.Tensor) -> torch.Tensor:
+    """The C++ CPU kernel, through the dispatcher."""
+    return torch.ops.maskvl.decode_attention(q, k_prefix, v_prefix, k_own, v_own, float(scale), exclude)
+
+
+def run_triton(kernels: ModuleType, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+               k_own: torch.Tensor, v_own: torch.Tensor, scale: float, exclude: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel: through the dispatcher for CUDA tensors, the launcher (interpreter) otherwise."""
+    if q.is_cuda:
+        return torch.ops.maskvl.decode_attention(q, k_prefix, v_prefix, k_own, v_own, float(scale), exclude)
+    return kernels.decode_attention.decode_attention(q, k_prefix, v_prefix, k_own, v_own, float(scale), exclude)
+
+
+def cuda_kernel(kernels: ModuleType):
+    """The launcher registered as this op's CUDA kernel."""
+    return kernels.decode_attention.decode_attention

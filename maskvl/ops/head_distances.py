@@ -1,25 +1,38 @@
-"""Per-head residual-space distances without materializing ``[T, H, D_model]``: the reference.
+"""Per-head residual-space distances without materializing ``[T, H, D_model]``: schema, fake kernel,
+reference and backend dispatch.
 
 Head h's contribution to the residual stream is ``c_h = W_h o_h`` with ``W_h = W_o[:, hD:(h+1)D]``
 (``[D_model, D]``); masked, it is ``c_h + W_h delta[p, h]``. With the head Gram matrices
 ``G_h = W_h^T W_h`` (``[H, D, D]``, computed once per layer) the three moments of
-:func:`maskvl.measures.distances_from_moments` are
+:func:`maskvl.numerics.distances_from_moments` are
 
     A_h    = o_h^T G_h o_h
     B_ph   = o_h^T G_h delta[p, h]
     C_ph   = delta[p, h]^T G_h delta[p, h]
 
-so the cost is ``O(T H D^2)`` instead of ``O(T H D D_model)``.
-
-``vector_distances`` is the same for plain vectors (``Attn``, ``Full``, ``Logits``):
-``A = |c|^2, B = <c, d_p>, C = |d_p|^2``.
+so the cost is ``O(T H D^2)`` instead of ``O(T H D D_model)``. Implementations:
+:func:`head_distances_reference` (here), ``csrc/head_distances.cpp`` (CPU),
+``kernels/head_distances.py`` (Triton). Plain vectors (``Attn``, ``Full``, ``Logits``) go through
+``maskvl/ops/vector_distances.py``.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from ..measures import distances_from_moments
+from ..numerics import compute_dtype, distances_from_moments
+from ._library import define
+
+OP = define("head_distances", "(Tensor o, Tensor delta, Tensor gram) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(OP)
+def _fake(o, delta, gram):
+    T, H, _ = delta.shape
+    cd = compute_dtype(delta.dtype)
+    return delta.new_empty((T, H), dtype=cd), delta.new_empty((T, H), dtype=cd)
 
 
 def head_grams(o_proj_weight: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -59,12 +72,22 @@ def head_distances_reference(
     return distances_from_moments(A, B, C)
 
 
-def vector_distances_reference(clean: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 and cosine distances of ``clean [N]`` against ``clean + delta[t]`` for every row of ``delta [T, N]``.
+# --- backend dispatch (maskvl/ops/backends.py calls these) ------------------------------------------
+def run_cpp(o: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ CPU kernel, through the dispatcher."""
+    l2, cosd = torch.ops.maskvl.head_distances(o, delta, gram)
+    return l2, cosd
 
-    Returns ``(l2 [T], cosine_distance [T])``.
-    """
-    A = (clean * clean).sum().reshape(1)
-    B = delta @ clean
-    C = (delta * delta).sum(-1)
-    return distances_from_moments(A, B, C)
+
+def run_triton(kernels: ModuleType, o: torch.Tensor, delta: torch.Tensor,
+               gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel: through the dispatcher for CUDA tensors, the launcher (interpreter) otherwise."""
+    if delta.is_cuda:
+        l2, cosd = torch.ops.maskvl.head_distances(o, delta, gram)
+        return l2, cosd
+    return kernels.head_distances.head_distances(o, delta, gram)
+
+
+def cuda_kernel(kernels: ModuleType):
+    """The launcher registered as this op's CUDA kernel."""
+    return kernels.head_distances.head_distances

@@ -1,4 +1,4 @@
-"""Leave-one-out attention for the final query: the reference implementation.
+"""Leave-one-out attention for the final query: schema, fake kernel, reference and backend dispatch.
 
 For one query row ``q [H, D]`` against keys/values ``k, v [T, KV, D]`` (GQA: head ``h`` reads KV head
 ``h // (H // KV)``), returns the clean head outputs and, for every key ``p``, the change of every
@@ -13,13 +13,28 @@ so that one key is recomputed directly with a softmax that leaves it out. With a
 removing it leaves nothing to attend to; the masked output is defined as zero (``delta = -o``).
 
 Arithmetic is in float64 for float64 inputs and float32 otherwise (bf16/fp16 are upcast).
+Implementations: :func:`loo_attention_reference` (here), ``csrc/loo_attention.cpp`` (CPU),
+``kernels/loo_attention.py`` (Triton).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from ..measures import compute_dtype
+from ..numerics import compute_dtype
+from ._library import define
+
+OP = define("loo_attention", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(OP)
+def _fake(q, k, v, scale):
+    H, D = q.shape
+    T = k.shape[0]
+    cd = compute_dtype(q.dtype)
+    return q.new_empty((H, D), dtype=cd), q.new_empty((T, H, D), dtype=cd)
 
 
 def loo_attention_reference(
@@ -61,3 +76,24 @@ def loo_attention_reference(
     o_wo = torch.einsum("ht,htd->hd", torch.softmax(s_wo, dim=-1), vh)
     delta[heads, j] = o_wo - o
     return o, delta.transpose(0, 1).contiguous()
+
+
+# --- backend dispatch (maskvl/ops/backends.py calls these) ------------------------------------------
+def run_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ CPU kernel, through the dispatcher."""
+    o, delta = torch.ops.maskvl.loo_attention(q, k, v, float(scale))
+    return o, delta
+
+
+def run_triton(kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels: through the dispatcher for CUDA tensors, the launcher (interpreter) otherwise."""
+    if q.is_cuda:
+        o, delta = torch.ops.maskvl.loo_attention(q, k, v, float(scale))
+        return o, delta
+    return kernels.loo_attention.loo_attention(q, k, v, float(scale))
+
+
+def cuda_kernel(kernels: ModuleType):
+    """The launcher registered as this op's CUDA kernel."""
+    return kernels.loo_attention.loo_attention
