@@ -20,8 +20,12 @@ spin-waiting under oversubscription made the same sweep vary from 0.7 to 4.4 s w
 0.24 s with 1). ``--threads 0`` keeps torch's default.
 * ``scaling``: CPU, the mid model and the tiny model, 16 to 4096 image tokens (the plot's data).
 * ``shapes``: CPU, 64 image tokens across shapes up to the real Qwen3-VL-2B shape (about 10 GB RAM).
-* ``gpu``: CUDA, bfloat16, Qwen3-VL-4B shapes at 1024 image tokens (1 and 3 steps) and 16384 image
-  tokens, plus the 2B and 8B shapes.
+* ``gpu`` (``make gpu-check``): CUDA, bfloat16, a random-weight model of Qwen3-VL-4B's shapes, one
+  1024x1024 image (1024 image tokens), 3 steps, every variant (Full, Attn, Head_0..Head_31) with and
+  without Logits; the prototype's algorithm timed in the same run on 4 of the 36 layers and 128 of the
+  masked positions, extrapolated (the records and the table say so); peak GPU memory recorded.
+* ``gpu-scaling``: CUDA, bfloat16: the 4B shape at 16 (with the brute force), 1024 (1 step) and 16384
+  image tokens, and the 2B and 8B shapes at 1024.
 
 Where a case times the baseline on a subset of layers and/or positions, its records carry
 ``naive_extrapolated: true`` and name the subset; ``--full-baseline`` measures every case fully.
@@ -79,9 +83,14 @@ PRESETS: dict[str, dict] = {
     "gpu": {
         "device": "cuda", "dtype": "bfloat16", "repeats": 3, "threads": 0,
         "cases": [
+            Case("gpu-4b-img1024-s3", "4b", 1024, 3, naive_layers=4, naive_positions=128),
+        ],
+    },
+    "gpu-scaling": {
+        "device": "cuda", "dtype": "bfloat16", "repeats": 3, "threads": 0,
+        "cases": [
             Case("gpu-4b-img16-s1", "4b", 16, 1, bruteforce=True),
             Case("gpu-4b-img1024-s1", "4b", 1024, 1, naive_layers=4),
-            Case("gpu-4b-img1024-s3", "4b", 1024, 3, naive_layers=4),
             Case("gpu-4b-img16384-s1", "4b", 16384, 1, naive_layers=1, naive_positions=16),
             Case("gpu-2b-img1024-s1", "2b", 1024, 1, naive_layers=4),
             Case("gpu-8b-img1024-s1", "8b", 1024, 1, naive_layers=4),

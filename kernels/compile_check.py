@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -41,23 +42,32 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Any, Callable
 
-# Before triton is imported: compiled kernels (not the interpreter), every compile run in full (so
-# ptxas runs and prints its register and spill report, captured below), a private cache directory.
-if "triton" not in sys.modules:
+import torch
+
+
+def _prepare_environment() -> str:
+    """Before triton is imported: compiled kernels (not the interpreter), every compile run in full (so
+    that ptxas runs and prints its register and spill report, captured below), a private cache
+    directory (returned; removed at the end). Importing this module has no such side effects: only
+    :func:`main` calls this."""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check: triton was already imported for the interpreter (TRITON_INTERPRET=1); "
+                         "run it in a fresh process without TRITON_INTERPRET")
     os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-_CACHE_DIR = tempfile.mkdtemp(prefix="maskvl-compile-check-")
-os.environ["TRITON_CACHE_DIR"] = _CACHE_DIR
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    cache = tempfile.mkdtemp(prefix="maskvl-compile-check-")
+    os.environ["TRITON_CACHE_DIR"] = cache
+    return cache
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from . import _launch  # noqa: E402
-from . import decode_attention, head_distances, loo_attention, vector_distances  # noqa: E402
+def _kernel_module(name: str) -> ModuleType:
+    """A submodule of this package (imports triton)."""
+    return importlib.import_module(f"{__package__}.{name}")
+
 
 # Qwen3-VL-4B (text decoder).
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB = 32, 8, 128, 2560, 151_936
@@ -82,7 +92,9 @@ class CompileOnlyDriver:
     def is_active(self) -> bool:
         return True
 
-    def get_current_target(self) -> GPUTarget:
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
         return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self) -> int:
@@ -111,24 +123,24 @@ def _cache_view(T: int, dtype: torch.dtype) -> torch.Tensor:
 def _loo(dt: torch.dtype, T: int) -> None:
     # q is the captured final query (model dtype); K and V the cache of all T positions.
     kv = _meta(KV_HEADS, T, HEAD_DIM, dtype=dt).transpose(0, 1)
-    loo_attention.loo_attention(_meta(HEADS, HEAD_DIM, dtype=dt), kv, kv, HEAD_DIM ** -0.5)
+    _kernel_module("loo_attention").loo_attention(_meta(HEADS, HEAD_DIM, dtype=dt), kv, kv, HEAD_DIM ** -0.5)
 
 
 def _head(dt: torch.dtype, T: int) -> None:
-    head_distances.head_distances(_meta(HEADS, HEAD_DIM, dtype=dt), _meta(T, HEADS, HEAD_DIM, dtype=dt),
+    _kernel_module("head_distances").head_distances(_meta(HEADS, HEAD_DIM, dtype=dt), _meta(T, HEADS, HEAD_DIM, dtype=dt),
                                   _meta(HEADS, HEAD_DIM, HEAD_DIM, dtype=dt))
 
 
 def _vector(dt: torch.dtype, T: int, N: int) -> None:
-    vector_distances.vector_distances(_meta(N, dtype=dt), _meta(T, N, dtype=dt))
+    _kernel_module("vector_distances").vector_distances(_meta(N, dtype=dt), _meta(T, N, dtype=dt))
 
 
 def _decode(dt: torch.dtype, T: int, B: int) -> None:
     # Queries and own rows come from the replayed layer in the compute dtype; the prefix is the cache.
-    cd = _launch.compute_dtype(dt)
+    cd = _kernel_module("_launch").compute_dtype(dt)
     kp = _cache_view(T, dt)
     own = _meta(B, 2, KV_HEADS, HEAD_DIM, dtype=cd)
-    decode_attention.decode_attention(_meta(B, HEADS, HEAD_DIM, dtype=cd), kp, kp, own[:, 0], own[:, 1],
+    _kernel_module("decode_attention").decode_attention(_meta(B, HEADS, HEAD_DIM, dtype=cd), kp, kp, own[:, 0], own[:, 1],
                                       HEAD_DIM ** -0.5, _meta(B, dtype=torch.int64))
 
 
@@ -295,7 +307,7 @@ def narrow_address_products(ttir: str) -> list[str]:
         op, ops, types = d
         if op in ("tt.load", "scf.for", "scf.while", "scf.if", "tt.call", "tt.reduce", "tt.scan"):
             return  # a value computed elsewhere: its own addresses are checked where they are formed
-        if op == "arith.muli" and re.search(r"\bi32>?$", types) and not any(constant(o) for o in ops):
+        if op == "arith.muli" and re.search(r"(^|[^0-9])i32>?$", types) and not any(constant(o) for o in ops):
             found.append(f"{v} = arith.muli {', '.join(ops)} : {types}")
         for o in ops:
             walk(o)
@@ -333,7 +345,7 @@ def compile_case(arch: int, case: Case, logs: dict[int, dict[str, int]]) -> list
     out = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with _launch.compile_only() as compiled, contextlib.redirect_stdout(out):
+        with _kernel_module("_launch").compile_only() as compiled, contextlib.redirect_stdout(out):
             case.run()
     except Exception as exc:  # a compile error: the row fails with Triton's message
         text = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
@@ -344,7 +356,9 @@ def compile_case(arch: int, case: Case, logs: dict[int, dict[str, int]]) -> list
     printed = parse_ptxas_log(out.getvalue())
     rows = []
     if not compiled:
-        return [Row(arch, case.op, "(no launch)", case.dtype, case.T, case.label, registers=0, seconds=seconds)]
+        # loo_attention at T = 1 has a closed form in the launcher: nothing to compile.
+        return [Row(arch, case.op, "(no kernel)", case.dtype, case.T, f"{case.op} {case.label}", registers=0,
+                    seconds=seconds)]
     for c in compiled:
         k = c.kernel
         key = id(k)
@@ -415,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="every T for every dtype and target")
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
     ap.add_argument("--only", help="comma-separated ops (default: all)")
+    ap.add_argument("--dtype", help="comma-separated dtypes of the cases (bf16, fp16, fp32, fp64; default: all)")
+    ap.add_argument("--T", help="comma-separated sequence lengths / row counts of the cases (default: all)")
     ap.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: the usable CPUs, <= 4)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -423,7 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown arch {sorted(unknown)} (choose from {sorted(SHARED_LIMIT)})")
     plan = [(a, cs) for a, cs in all_cases(args.full) if a in archs]
+    if args.dtype or args.T:
+        dts = set(args.dtype.split(",")) if args.dtype else set(DTYPES)
+        Ts = {int(t) for t in args.T.split(",")} if args.T else None
+        plan = [(a, [c for c in cs if c.dtype in dts and (Ts is None or c.T in Ts)]) for a, cs in plan]
     jobs = _jobs(plan, set(args.only.split(",")) if args.only else None)
+    if not jobs:
+        ap.error("no case matches the filters")
+    cache = _prepare_environment()
+    import triton
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(args.jobs or min(4, ncpu), len(jobs)))
     print(f"triton {triton.__version__}, torch {torch.__version__}: compiling {sum(len(c) for _, c in jobs)} "
@@ -437,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 results = pool.map(_run_job, range(len(jobs)), chunksize=1)
     finally:
-        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     rows = [r for rs in results for r in rs]
     print(format_table(rows))
     failed = [r for r in rows if r["problems"]]
-    kernels = {(r["arch"], r["kernel"]) for r in rows if r["kernel"] not in ("-", "(no launch)")}
+    kernels = {(r["arch"], r["kernel"]) for r in rows if r["kernel"] not in ("-", "(no kernel)")}
     print(f"\n{len(rows)} kernels compiled ({len(kernels)} kernel x target pairs) in "
           f"{time.perf_counter() - t0:.0f} s; {len(failed)} failed")
     if args.json:

@@ -84,15 +84,16 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
 def launch_config(prefix_dtype: torch.dtype) -> dict[str, int]:
     """Prefix tile rows, warps and pipeline stages of ``_decode`` for a prefix (KV cache) dtype.
 
-    Chosen with ``make compile-check`` at Qwen3-VL-4B's shapes (BLOCK_R 32, D 128) for sm_80 and sm_90;
-    registers per thread: float32 prefixes ~110 at 8 warps, 3 stages; bf16/fp16 prefixes spill at 4
-    warps (~10 KB per thread) and still at 8 (~450 B) unless their K/V tiles are halved to 16 rows and
-    not software-pipelined (~130 registers, none spilled: the upcast copies of pipelined 16-bit tiles are
-    what overflows); float64 at 8 warps spills a few dozen bytes (reported, not failed).
+    Chosen with ``make compile-check`` at Qwen3-VL-4B's shapes (BLOCK_R 32, D 128) for sm_80 and sm_90.
+    float32: 32-row tiles, 8 warps, 3 stages (~110-130 registers). bf16/fp16 spill at 4 warps (~10 KB
+    per thread) and still at 8 (~450 B) while their tiles are software-pipelined (the upcast copies of
+    the tiles in flight overflow the registers): 16-row tiles, 8 warps, no pipelining fit (~130
+    registers, none spilled). float64 takes the same, which also keeps it inside sm_80's 163 KB of
+    shared memory (pipelined 32-row tiles need 169 KB).
     """
-    if prefix_dtype in (torch.bfloat16, torch.float16):
-        return {"BLOCK_T": 16, "num_warps": 8, "num_stages": 1}
-    return {"BLOCK_T": 32, "num_warps": 8, "num_stages": 3}
+    if prefix_dtype == torch.float32:
+        return {"BLOCK_T": 32, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_T": 16, "num_warps": 8, "num_stages": 1}
 
 
 def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor,

@@ -14,9 +14,9 @@ Same math as ``csrc/loo_attention.cpp`` and ``maskvl/ops/loo_attention.py``: ``q
 
 Scratch: scores [H, T], partials [H, T/BLOCK_T, D]: small next to K and V. Everything after the
 loads runs in float32 (float64 for float64 inputs): the Triton interpreter gets bf16 arithmetic wrong,
-and the reference upcasts too. Division and ``exp`` are IEEE-exact only under the interpreter and in
-float64; compiled float32 uses the approximate instructions described in ``kernels/_launch.py``. No
-tl.dot here, so no tile-shape constraints beyond powers of two. Row offsets are formed in 64 bits
+and the reference upcasts too. Compiled float32 divides and exponentiates with the approximate
+instructions described in ``kernels/_launch.py`` (float64 and the interpreter are IEEE / libm-accurate).
+No tl.dot here, so no tile-shape constraints beyond powers of two. Row offsets are formed in 64 bits
 (program ids and row indices are widened first): ``T * H * D`` passes 2^31 at T = 524,288 for
 Qwen3-VL-4B's 32 x 128.
 """
@@ -31,6 +31,9 @@ from . import _launch
 from ._launch import acc_type, compute_dtype
 
 BLOCK_T = 64
+# _pv and _delta hold [BLOCK_T, BLOCK_D] tiles of V (and of 64-bit delta addresses): at four warps
+# _delta spills for bf16/fp16 on sm_90 (make compile-check); eight halve the registers per thread.
+TILE_WARPS = 8
 
 
 @triton.jit
@@ -198,9 +201,9 @@ def loo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                    G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
     _launch.launch(_stats, (H,), s, stats, j1, T, ACC=acc, BLOCK_T=256)
     _launch.launch(_pv, (KV, NB), v, s, stats, j1, part, T, D, NB, v.stride(0), v.stride(1),
-                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=TILE_WARPS)
     _launch.launch(_finalize, (H,), v, part, stats, j1, o, owo, D, NB, v.stride(0), v.stride(1),
                    G=G, ACC=acc, BLOCK_N=16, BLOCK_D=BLOCK_D)
     _launch.launch(_delta, (KV, NB), v, s, stats, j1, o, owo, delta, T, H, D, v.stride(0), v.stride(1),
-                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+                   G=G, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=TILE_WARPS)
     return o, delta

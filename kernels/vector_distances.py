@@ -56,6 +56,8 @@ def vector_distances(clean: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Te
     if T == 0:
         return l2, cosd
     BLOCK_T = 32
+    # [32, 256] tiles: ~165 registers per thread at four warps in float32; float64 needs eight warps to
+    # stay unspilled (make compile-check).
     _launch.launch(_vector_distances, (triton.cdiv(T, BLOCK_T),), clean, delta, l2, cosd, T, N,
-                   ACC=acc_type(cd), BLOCK_T=BLOCK_T, BLOCK_N=256)
+                   ACC=acc_type(cd), BLOCK_T=BLOCK_T, BLOCK_N=256, num_warps=8 if cd == torch.float64 else 4)
     return l2, cosd

@@ -118,6 +118,21 @@ def test_ext_load_failure_is_reported_not_raised(monkeypatch):
     assert type(ops.get_backend("auto", "cpu")) is ops.Backend
 
 
+def test_ext_reports_a_stale_extension(monkeypatch):
+    """A maskvl/_C*.so left from before the extension became maskvl._C_impl would shadow maskvl/_C.py:
+    the loader refuses it with a reason that says what to do."""
+    import importlib
+    import types
+
+    stale = types.ModuleType("maskvl._C")
+    stale.__file__ = str(ROOT / "maskvl" / "_C.cpython-311-x86_64-linux-gnu.so")
+    real = importlib.import_module
+    monkeypatch.setattr(_ext, "_state", {"tried": False, "ok": False, "error": None, "warned": False})
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: stale if name == "maskvl._C" else real(name))
+    assert _ext.load(warn=False) is False
+    assert _ext.load_error().startswith("maskvl._C is a stale build (") and "rebuild" in _ext.load_error()
+
+
 def test_describe():
     info = ops.describe()
     assert info["torch"] == torch.__version__

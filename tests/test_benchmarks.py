@@ -145,7 +145,11 @@ def test_presets_are_well_formed():
             shape = get_shape(c.shape)
             assert (c.prompt_tokens >= 1 and c.image_tokens == 0 and c.mask_mode == "text" if shape.text_only
                     else c.image_tokens >= 1) and c.steps >= 1
-    assert any(c.image_tokens == 16384 for c in bench_run.PRESETS["gpu"]["cases"])
+    # make gpu-check's preset: Qwen3-VL-4B shapes, one 1024x1024 image, 3 steps, the baseline extrapolated.
+    (gpu,) = bench_run.PRESETS["gpu"]["cases"]
+    assert (gpu.shape, gpu.image_tokens, gpu.steps, gpu.mask_mode) == ("4b", 1024, 3, "vision")
+    assert gpu.naive_layers and bench_run.PRESETS["gpu"]["dtype"] == "bfloat16"
+    assert any(c.image_tokens == 16384 for c in bench_run.PRESETS["gpu-scaling"]["cases"])
     ci = bench_run.PRESETS["ci"]["cases"]
     assert {"mid", "moe"} <= {c.shape for c in ci} and get_shape("moe").num_experts > 0
     assert any(get_shape(c.shape).text_only for c in ci)
