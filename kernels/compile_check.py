@@ -127,8 +127,9 @@ def _loo(dt: torch.dtype, T: int) -> None:
 
 
 def _head(dt: torch.dtype, T: int) -> None:
-    _kernel_module("head_distances").head_distances(_meta(HEADS, HEAD_DIM, dtype=dt), _meta(T, HEADS, HEAD_DIM, dtype=dt),
-                                  _meta(HEADS, HEAD_DIM, HEAD_DIM, dtype=dt))
+    o, delta, gram = _meta(HEADS, HEAD_DIM, dtype=dt), _meta(T, HEADS, HEAD_DIM, dtype=dt), _meta(
+        HEADS, HEAD_DIM, HEAD_DIM, dtype=dt)
+    _kernel_module("head_distances").head_distances(o, delta, gram)
 
 
 def _vector(dt: torch.dtype, T: int, N: int) -> None:
@@ -140,8 +141,8 @@ def _decode(dt: torch.dtype, T: int, B: int) -> None:
     cd = _kernel_module("_launch").compute_dtype(dt)
     kp = _cache_view(T, dt)
     own = _meta(B, 2, KV_HEADS, HEAD_DIM, dtype=cd)
-    _kernel_module("decode_attention").decode_attention(_meta(B, HEADS, HEAD_DIM, dtype=cd), kp, kp, own[:, 0], own[:, 1],
-                                      HEAD_DIM ** -0.5, _meta(B, dtype=torch.int64))
+    q, exclude = _meta(B, HEADS, HEAD_DIM, dtype=cd), _meta(B, dtype=torch.int64)
+    _kernel_module("decode_attention").decode_attention(q, kp, kp, own[:, 0], own[:, 1], HEAD_DIM ** -0.5, exclude)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ TTIR_I32 = """\
     %p = tt.splat %d_ptr : !tt.ptr<f32> -> tensor<32x1x!tt.ptr<f32>> loc(#loc4)
     %q = tt.addptr %p, %off : tensor<32x1x!tt.ptr<f32>>, tensor<32x1xi32> loc(#loc4)
 """
-TTIR_I64 = TTIR_I32.replace("%off = arith.muli %e, %n : tensor<32x1xi32>", "%off = arith.muli %e, %n : tensor<32x1xi64>")
+TTIR_I64 = TTIR_I32.replace("%off = arith.muli %e, %n : tensor<32x1xi32>",
+                            "%off = arith.muli %e, %n : tensor<32x1xi64>")
 
 
 def test_narrow_address_products_on_ir():
