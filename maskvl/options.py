@@ -186,7 +186,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            choices=MASK_MODES),
     Option("mask_groups", None, "Remove sets of positions together, one row per set, instead of one "
            "position per row: blocks:RxC (blocks of each image grid), images, box:IMAGE:x0,y0,x1,y1 (tokens "
-           "under a pixel box of the original image), positions:LIST; repeatable.", _mask_groups,
+           "whose patch overlaps a pixel box of the original image), positions:LIST; repeatable.", _mask_groups,
            metavar="SPEC", multiple=True, fingerprint_when_set=True),
     Option("num_tokens", 1, "Generation steps to measure (greedy; stops at the end-of-turn token).",
            _int_at_least(1), metavar="N"),
