@@ -78,7 +78,46 @@ def test_float64_explicit_sets_own_key_text_and_nearly_everything(adapter64, ima
 
 def test_float32_groups_within_1e4(adapter32, images):
     compare_with_naive(adapter32, [images["wide"]], "What color is it?", "both", 2, 1e-4, 1e-2, layers=[0, 2],
-                       groups=lambda p: _resolve(p, ["blocks:1x2", "images"]))
+                       groups=lambda p: _resolve(p, ["blocks:2x2", "images"]))
+
+
+SLIDING_PROMPT = "Name three colors."
+
+
+@pytest.fixture(scope="module")
+def sliding(tmp_path_factory):
+    """A tiny Mistral (every layer a 5-key sliding window), its prompt's groups and the naive oracle's
+    sweep of them: one group before every window, one straddling the window's start, one inside, and the
+    final position (its own key at step 0) with position 0."""
+    from maskvl.models import adapter_class, load_model
+
+    d = adapter_class("mistral").write_tiny_model(tmp_path_factory.mktemp("models") / "mistral", seed=2,
+                                                  num_layers=3, num_heads=6, num_kv_heads=2, head_dim=24,
+                                                  hidden_size=48, sliding_window=5)
+    adapter = load_model(str(d), torch.float64)
+    S = adapter.prepare(SLIDING_PROMPT, [], []).input_ids.shape[1]
+    assert S > 8
+    groups = [[0, 1, 2], [S - 7, S - 6, S - 5, S - 4], [S - 3, S - 2], [S - 1, 0]]
+    prep = adapter.prepare(SLIDING_PROMPT, [], [])
+    return adapter, groups, naive_sweep(adapter, prep, num_tokens=2, knockout_window=2, groups=groups)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_groups_under_sliding_windows(sliding, backend):
+    """At a sliding-window layer only a group's keys inside the final query's window are removed: the
+    engine equals the oracle (which masks the whole set under transformers' own window mask), and a group
+    with no key in any window of the knockout window is an exact zero in every variant, Logits included."""
+    adapter, groups, ref = sliding
+    if backend != "reference":
+        from maskvl.ops.testing import compiled_backend
+
+        backend, _ = compiled_backend(backend)
+    _, fast, _ = compare_with_naive(adapter, [], SLIDING_PROMPT, "both", 2, 1e-9, 1e-6, logits=True, window=2,
+                                    backend=backend, groups=groups, ref=ref)
+    for f in fast:
+        for lr in f.layers:
+            assert (lr.l2[:, 0] == 0).all() and (lr.cos[:, 0] == 0).all() and lr.kl[-1, 0] == 0
+            assert (lr.l2[0, 1:] > 0).all() and (lr.l2[-1, 1:] > 0).all()
 
 
 def _cpp_ok() -> bool:
