@@ -367,3 +367,69 @@ def test_rows_are_groups_in_the_table_returned(tiny_dir, images):
     assert [g["positions"] for g in md["groups"]] == [[0, 1], [2]]
     assert table["group_index"].to_pylist()[:2] == [0, 1]
     assert table["token_position"].null_count == table.num_rows
+
+
+# ---------------------------------------------------------------------------------------- viewer
+try:  # tests/ as a package (repo root on sys.path) or as a plain folder (pytest's prepend mode)
+    from tests.viewer_support import browser, needs_chromium, viewer  # noqa: F401  (fixtures)
+except ImportError:
+    from viewer_support import browser, needs_chromium, viewer  # type: ignore[no-redef]  # noqa: F401
+
+
+@needs_chromium
+def test_viewer_draws_groups_as_blocks(viewer, tiny_dir, images, tmp_path):
+    """A group run in the viewer: one grid per (image, spec), every cell of a group holding the group's
+    value from the file, a text group as a labelled chip, hover and pin name the group; also through
+    `maskvl view`'s self-contained page."""
+    from maskvl.view import write_page
+
+    out = tmp_path / "groups.parquet"
+    maskvl.sweep(str(tiny_dir), [images["wide"], images["tall"]], "Compare them.",
+                 mask_groups=["images", "blocks:2x2", [0, 1, 2]], num_tokens=2, layers="0,2", logits=True, output=out)
+    md = io.read_metadata(out)
+    groups = md["groups"]
+    df = pq.read_table(out).to_pandas()
+    v = viewer().goto()
+    v.open(out)
+    for step, layer, variant, metric in [(0, 0, "Full", "l2_distance"), (1, 1, "Logits", "kl_divergence")]:
+        v.page.evaluate(
+            """([s, l, vn, m]) => { const st = window.maskvlViewer.state, ds = window.maskvlViewer.dataset;
+                 st.step = s; st.layer = l; st.variant = ds.variants.indexOf(vn); st.metric = m; window.maskvlViewer.render(); }""",
+            [step, layer, variant, metric])
+        got = v.values()
+        # images: one grid for "images" and one for "blocks:2x2" per image
+        assert [(im["index"], im["spec"]) for im in got["images"]] == [(0, "images"), (1, "images"),
+                                                                       (0, "blocks:2x2"), (1, "blocks:2x2")]
+        rows = df[(df.generation_step == step) & (df.layer == [0, 2][layer]) & (df.variant == variant)]
+        for g, grp in enumerate(groups):
+            want = rows[rows.group_index == g][metric].item()
+            if grp["image_index"] is None:
+                assert got["textPositions"] == [g]
+                assert got["text"][0] == pytest.approx(want, rel=1e-6)
+                continue
+            im = next(x for x in got["images"] if x["index"] == grp["image_index"] and x["spec"] == grp["spec"])
+            info = md["images"][grp["image_index"]]
+            for p in grp["positions"]:
+                cell = got["image"][im["cellBase"] + p - info["token_start"]]
+                assert cell == pytest.approx(want, rel=1e-6), (g, p)
+    chips = v.page.eval_on_selector_all("#view-a .chip .t", "ns => ns.map(n => n.textContent)")
+    assert chips == ["positions 0-2"]
+    # hover a cell of the first block of image 0, then click it: the block is pinned by its group index
+    canvas = v.page.query_selector_all("#view-a .image-block canvas")[2]
+    box = canvas.bounding_box()
+    v.page.mouse.move(box["x"] + 2, box["y"] + 2)
+    tip = v.page.text_content("#tooltip")
+    first_block = next(g for g, grp in enumerate(groups) if grp["spec"] == "blocks:2x2")
+    assert groups[first_block]["label"] in tip and f"group {first_block}" in tip, tip
+    v.page.mouse.click(box["x"] + 2, box["y"] + 2)
+    assert v.state()["pinned"] == first_block
+    assert f"at group {first_block}" in v.page.text_content("#pin-title")
+    # the pinned series follows the view's variant and metric (Logits, KL after the loop above)
+    series = v.page.evaluate("window.maskvlViewer.pinnedSeries()")["values"]
+    want = df[(df.group_index == first_block) & (df.variant == "Logits") & (df.generation_step == 1)]
+    assert series[1][1] == pytest.approx(want[want.layer == 2]["kl_divergence"].item(), rel=1e-6)
+    # the self-contained page opens the same file
+    page = write_page(out, tmp_path / "groups.html")
+    v2 = viewer().goto(page.as_uri())
+    v2.page.wait_for_function("window.maskvlViewer.perf.load && window.maskvlViewer.perf.load.ok", timeout=60000)
+    assert len(v2.values()["images"]) == 4
