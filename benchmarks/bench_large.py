@@ -13,7 +13,7 @@ high-water mark over the sweep (``VmHWM``, reset just before it through ``/proc/
 pyarrow's memory pool (the rows in flight). Each size runs in its own process so one size's peak
 cannot hide another's.
 
-Part 2, **layers**: the same at one token count for several layer counts, with the Logits measure, to
+Part 2, **layers**: the same at 2,048 image tokens for several layer counts, with the Logits measure, to
 show which memory grows with tokens x layers.
 
 Part 3, **read**: writes a synthetic, format-correct file once (:func:`write_synthetic`: the real
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the part 1 model")
     ap.add_argument("--steps", type=int, default=2, help="generation steps of every sweep")
     ap.add_argument("--layers-series", default="2,4,8", help="layer counts of part 2")
-    ap.add_argument("--layers-tokens", type=int, default=4096, help="image tokens of part 2")
+    ap.add_argument("--layers-tokens", type=int, default=2048, help="image tokens of part 2")
     ap.add_argument("--big-file", default=os.path.join(tempfile.gettempdir(), "maskvl-bench-62M.parquet"),
                     help="the synthetic file of part 3 (written if absent or of another size)")
     ap.add_argument("--big-tokens", type=int, default=16384)

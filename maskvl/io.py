@@ -21,8 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import measures
-
 FORMAT_VERSION = 1
 METADATA_KEY = "maskvl"
 TEMP_MARKER = ".maskvl-tmp-"
@@ -310,6 +308,9 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
 def base_metadata(**fields: Any) -> dict[str, Any]:
     """The metadata object with its fixed fields (format version, maskvl version, measure definitions)."""
     from . import __version__
+    # Imported here: maskvl.measures imports torch, which readers of files (maskvl.open, view, render)
+    # do not need and which takes seconds to import.
+    from . import measures
 
     md = {"format_version": FORMAT_VERSION, "maskvl_version": __version__, "measures": measures.DEFINITIONS}
     md.update(fields)

@@ -29,7 +29,10 @@ import pyarrow.parquet as pq
 
 from . import io
 from .errors import InputError
-from .measures import LOGITS, variant_sort_key
+
+#: The Logits variant's name (docs/FORMAT.md; ``maskvl.measures.LOGITS``, not imported from there because
+#: that module imports torch, which reading a file does not need and which takes seconds to import).
+LOGITS = "Logits"
 
 #: Short metric names and the columns they read; the column names are accepted too.
 METRICS = {"l2": "l2_distance", "cosine": "cosine_distance", "kl": "kl_divergence",
@@ -80,6 +83,9 @@ class _FileSource:
     def read_all(self) -> pa.Table:
         return self.pf.read()
 
+    def close(self) -> None:
+        self.pf.close()
+
 
 class _TableSource:
     """In-memory tables (a sweep run without an output file), one per (step, layer) like the file's row groups."""
@@ -101,6 +107,9 @@ class _TableSource:
         if not self.tables:
             return self.schema.empty_table()
         return pa.concat_tables(self.tables)
+
+    def close(self) -> None:
+        pass
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -132,26 +141,56 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _string_mask(col: pa.ChunkedArray, wanted: Sequence[str]) -> pa.ChunkedArray:
-    """``col in wanted`` for a string column, comparing dictionary indices when it is dictionary-encoded."""
-    value_set = pa.array(list(wanted), pa.string())
-    if not pa.types.is_dictionary(col.type):
-        return pc.is_in(col, value_set=value_set)
-    chunks = []
-    for chunk in col.chunks:
-        hits = pc.is_in(chunk.dictionary, value_set=value_set)
-        idx = pa.array(np.flatnonzero(hits.to_numpy(zero_copy_only=False)), chunk.indices.type)
-        chunks.append(pc.is_in(chunk.indices, value_set=idx))
-    return pa.chunked_array(chunks, pa.bool_())
+# pyarrow's own conversions to numpy (``to_numpy``, compute on Python scalars) import pandas on first
+# use, about a second; reading one grid must not pay that. Row values are read from the Arrow buffers.
+_NUMPY = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+          pa.float32(): np.float32, pa.float64(): np.float64}
 
 
-def _ints(col: pa.ChunkedArray, fill: int = -1) -> np.ndarray:
-    return pc.fill_null(col, fill).to_numpy().astype(np.int64, copy=False)
+def _numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-width integer or float column as numpy: int64 with -1 for nulls, float64 with NaN."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    if col.type not in _NUMPY:
+        raise TypeError(f"not a fixed-width numeric column: {col.type}")
+    floating = pa.types.is_floating(col.type)
+    out = np.empty(sum(len(c) for c in chunks), np.float64 if floating else np.int64)
+    start = 0
+    for ch in chunks:
+        n, off = len(ch), ch.offset
+        validity, data = ch.buffers()[:2]
+        part = out[start:start + n]
+        if data is None or ch.null_count == n:
+            part[:] = np.nan if floating else -1
+        else:
+            part[:] = np.frombuffer(data, _NUMPY[ch.type], count=off + n)[off:]
+            if validity is not None and ch.null_count:
+                valid = np.unpackbits(np.frombuffer(validity, np.uint8), count=off + n, bitorder="little")[off:]
+                part[valid == 0] = np.nan if floating else -1
+        start += n
+    return out
 
 
-def _floats(col: pa.ChunkedArray) -> np.ndarray:
-    # Nulls (kl_divergence off the Logits rows) become NaN.
-    return col.to_numpy().astype(np.float64, copy=False)
+def _member(values: np.ndarray, wanted: Iterable[int]) -> np.ndarray:
+    """``values in wanted`` for small non-negative integers (steps, layers, dictionary codes): bool ``[n]``.
+
+    A lookup table; ``np.isin`` sorts and is several times slower on the half-million rows of a group.
+    """
+    w = np.fromiter(wanted, np.int64)
+    table = np.zeros(int(w.max(initial=-1)) + 2, bool)  # its last entry stays False: nulls (-1) and
+    table[w] = True  # values past the largest wanted one land there
+    return table[np.clip(values, -1, len(table) - 1)]
+
+
+def _in_strings(col: pa.ChunkedArray, wanted: Sequence[str]) -> np.ndarray:
+    """``col in wanted`` for a string column (dictionary-encoded in maskvl files): bool ``[rows]``."""
+    parts = []
+    for ch in col.chunks:
+        if pa.types.is_dictionary(ch.type):
+            codes = [i for i, name in enumerate(ch.dictionary.to_pylist()) if name in wanted]
+            parts.append(_member(_numpy(ch.indices), codes))
+        else:
+            parts.append(np.array([v in wanted for v in ch.to_pylist()], bool))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 class Sweep:
@@ -201,6 +240,16 @@ class Sweep:
         ``steps`` limits it to the steps the tables hold when the metadata knows more."""
         return cls(_TableSource(tables), metadata, steps=steps)
 
+    def close(self) -> None:
+        """Close the file (a ``with maskvl.open(path) as s:`` block does it on exit)."""
+        self._src.close()
+
+    def __enter__(self) -> "Sweep":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- what the sweep holds ----------------------------------------------------------------------
 
     @property
@@ -217,8 +266,8 @@ class Sweep:
 
     @property
     def variants(self) -> list[str]:
-        """``Full``, ``Attn``, ``Head_0`` …, and ``Logits`` when measured, in natural order."""
-        return sorted(self.metadata.get("variants") or [], key=variant_sort_key)
+        """``Full``, ``Attn``, ``Head_0`` …, and ``Logits`` when measured, in natural order (the metadata's)."""
+        return list(self.metadata.get("variants") or [])
 
     @property
     def metrics(self) -> list[str]:
@@ -342,26 +391,38 @@ class Sweep:
     # -- reading -----------------------------------------------------------------------------------
 
     def _scan(self, steps: Sequence[int], layers: Sequence[int], variants: Sequence[str] | None,
-              columns: Sequence[str]) -> Iterator[pa.Table]:
-        """The rows of ``steps`` x ``layers`` (x ``variants``), one table per row group that may hold some.
+              columns: Sequence[str]) -> Iterator[tuple[_Group, pa.Table, np.ndarray]]:
+        """The rows of ``steps`` x ``layers`` (x ``variants``): per row group that may hold some, the
+        group, its table (``columns`` plus those the selection needs) and the selected rows' mask.
 
-        Reads only those row groups and only ``columns`` (plus the ones the filter needs).
+        Reads only those row groups and only those columns.
         """
-        need = list(dict.fromkeys(["generation_step", "layer", *(["variant"] if variants is not None else []),
-                                   *columns]))
-        step_set = pa.array(sorted(set(steps)), pa.int32())
-        layer_set = pa.array(sorted(set(layers)), pa.int32())
         for g in self._src.groups:
             if not g.may_hold(steps, layers):
                 continue
+            # A group of one (step, layer) needs no filtering on them (its statistics say so).
+            exact = g.steps[0] == g.steps[1] and g.layers[0] == g.layers[1]
+            need = list(dict.fromkeys([*([] if exact else ["generation_step", "layer"]),
+                                       *(["variant"] if variants is not None else []), *columns]))
             t = self._src.read(g.index, need)
-            mask = pc.and_(pc.is_in(t["generation_step"], value_set=step_set.cast(t["generation_step"].type)),
-                           pc.is_in(t["layer"], value_set=layer_set.cast(t["layer"].type)))
+            mask = np.ones(t.num_rows, bool)
+            if not exact:
+                mask &= _member(_numpy(t["generation_step"]), steps) & _member(_numpy(t["layer"]), layers)
             if variants is not None:
-                mask = pc.and_(mask, _string_mask(t["variant"], variants))
-            t = t.filter(mask)
-            if t.num_rows:
-                yield t
+                mask &= _in_strings(t["variant"], variants)
+            if mask.any():
+                yield g, t, mask
+
+    def _rows(self, steps: Sequence[int], layers: Sequence[int], variants: Sequence[str] | None,
+              columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        """:meth:`_scan` as numpy columns (ints: -1 for null, floats: NaN), selected rows only."""
+        for g, t, mask in self._scan(steps, layers, variants, columns):
+            row = {c: _numpy(t[c])[mask] for c in columns}
+            n = int(mask.sum())
+            for name, bounds in (("generation_step", g.steps), ("layer", g.layers)):
+                if name not in row:  # not read: the group holds one value (see _scan)
+                    row[name] = _numpy(t[name])[mask] if name in t.column_names else np.full(n, int(bounds[0]))
+            yield row
 
     def grid(self, image: int = 0, step: int = 0, layer: int | None = None, variant: str = "Full",
              metric: str = "l2") -> np.ndarray:
@@ -372,9 +433,9 @@ class Sweep:
         step, layer, variant = self._step(step), self._layer(layer), self._variant(variant)
         col = self._metric(metric, [variant])
         out = np.full((int(im["grid_rows"]), int(im["grid_cols"])), np.nan)
-        for t in self._scan([step], [layer], [variant], [col, "image_index", "patch_row", "patch_col"]):
-            t = t.filter(pc.equal(t["image_index"], int(image)))
-            out[_ints(t["patch_row"]), _ints(t["patch_col"])] = _floats(t[col])
+        for r in self._rows([step], [layer], [variant], [col, "image_index", "patch_row", "patch_col"]):
+            m = r["image_index"] == int(image)
+            out[r["patch_row"][m], r["patch_col"][m]] = r[col][m]
         return out
 
     def maps(self, image: int = 0, steps: int | Sequence[int] | None = None,
@@ -392,10 +453,9 @@ class Sweep:
         si[steps_l] = np.arange(len(steps_l))
         li = np.zeros(max(layers_l) + 1, np.int64)
         li[layers_l] = np.arange(len(layers_l))
-        for t in self._scan(steps_l, layers_l, [variant], [col, "image_index", "patch_row", "patch_col"]):
-            t = t.filter(pc.equal(t["image_index"], int(image)))
-            out[si[_ints(t["generation_step"])], li[_ints(t["layer"])], _ints(t["patch_row"]),
-                _ints(t["patch_col"])] = _floats(t[col])
+        for r in self._rows(steps_l, layers_l, [variant], [col, "image_index", "patch_row", "patch_col"]):
+            m = r["image_index"] == int(image)
+            out[si[r["generation_step"][m]], li[r["layer"][m]], r["patch_row"][m], r["patch_col"][m]] = r[col][m]
         return out
 
     def text(self, step: int = 0, layer: int | None = None, variant: str = "Full", metric: str = "l2") -> Any:
@@ -410,11 +470,11 @@ class Sweep:
         positions = np.array([int(t["position"]) for t in toks], np.int64)
         values = np.full(len(toks), np.nan)
         where = {int(p): i for i, p in enumerate(positions)}
-        for t in self._scan([step], [layer], [variant], [col, "token_position", "image_index"]):
-            t = t.filter(pc.is_null(t["image_index"]))
-            for p, v in zip(_ints(t["token_position"]), _floats(t[col])):
-                if int(p) in where:
-                    values[where[int(p)]] = v
+        for r in self._rows([step], [layer], [variant], [col, "token_position", "image_index"]):
+            m = r["image_index"] < 0
+            for p, v in zip(r["token_position"][m].tolist(), r[col][m].tolist()):
+                if p in where:
+                    values[where[p]] = v
         return pd.DataFrame({"position": positions, "token": [t["text"] for t in toks], col: values})
 
     def top(self, k: int = 10, steps: int | Sequence[int] | None = None, layers: int | Sequence[int] | None = None,
@@ -433,48 +493,43 @@ class Sweep:
         variant = self._variant(variant)
         col = self._metric(metric, [variant])
         cols = ["token_position", "image_index", "patch_row", "patch_col", col]
-        best: list[pa.Table] = []
-        for t in self._scan(steps_l, layers_l, [variant], cols):
+        best: dict[str, np.ndarray] | None = None
+        for r in self._rows(steps_l, layers_l, [variant], cols):
             if kind is not None:
-                is_img = pc.is_valid(t["image_index"])
-                t = t.filter(is_img if kind == "image" else pc.invert(is_img))
-            v = _floats(t[col])
-            ok = np.flatnonzero(np.isfinite(v))
+                keep = (r["image_index"] >= 0) if kind == "image" else (r["image_index"] < 0)
+                r = {c: v[keep] for c, v in r.items()}
+            # Candidates stay bounded: at most k rows survive from everything read so far.
+            if best is not None:
+                r = {c: np.concatenate([best[c], v]) for c, v in r.items()}
+            ok = np.flatnonzero(np.isfinite(r[col]))
             if len(ok) > k:
-                ok = ok[np.argpartition(-v[ok], k - 1)[:k]]
-            best.append(t.take(pa.array(ok, pa.int64())))
-            # Keep the candidates bounded: at most k rows survive from everything read so far.
-            merged = pa.concat_tables(best)
-            if merged.num_rows > k:
-                vals = _floats(merged[col])
-                merged = merged.take(pa.array(np.argpartition(-vals, k - 1)[:k], pa.int64()))
-            best = [merged]
-        rows = pa.concat_tables(best) if best else None
+                ok = ok[np.argpartition(-r[col][ok], k - 1)[:k]]
+            best = {c: v[ok] for c, v in r.items()}
+        names = ["generation_step", "layer", "token_position", "token", "token_kind", "image_index", "patch_row",
+                 "patch_col", col]
+        if best is None:
+            return pd.DataFrame(columns=names)
+        order = np.lexsort((best["token_position"], best["layer"], best["generation_step"], -best[col]))
+        best = {c: v[order] for c, v in best.items()}
         texts = {int(t["position"]): t["text"] for t in self.tokens}
-        if rows is None or rows.num_rows == 0:
-            return pd.DataFrame(columns=["generation_step", "layer", "token_position", "token", "token_kind",
-                                         "image_index", "patch_row", "patch_col", col])
-        vals = _floats(rows[col])
-        order = np.lexsort((_ints(rows["token_position"]), _ints(rows["layer"]), _ints(rows["generation_step"]),
-                            -vals))
-        rows = rows.take(pa.array(order, pa.int64()))
-        pos = _ints(rows["token_position"])
-        img = rows["image_index"]
+        is_image = best["image_index"] >= 0
 
         def nullable(name: str) -> Any:  # null for text tokens: pandas' nullable integers, not floats
-            return pd.array(rows[name].to_pylist(), dtype="Int64")
+            values = pd.array(best[name], dtype="Int64")
+            values[~is_image] = pd.NA
+            return values
 
         return pd.DataFrame({
-            "generation_step": _ints(rows["generation_step"]),
-            "layer": _ints(rows["layer"]),
-            "token_position": pos,
-            "token": [texts.get(int(p), "") for p in pos],
-            "token_kind": np.where(pc.is_valid(img).to_numpy(zero_copy_only=False), "image", "text"),
+            "generation_step": best["generation_step"],
+            "layer": best["layer"],
+            "token_position": best["token_position"],
+            "token": [texts.get(int(p), "") for p in best["token_position"]],
+            "token_kind": np.where(is_image, "image", "text"),
             "image_index": nullable("image_index"),
             "patch_row": nullable("patch_row"),
             "patch_col": nullable("patch_col"),
-            col: _floats(rows[col]),
-        })
+            col: best[col],
+        }, columns=names)
 
     def to_pandas(self, steps: int | Sequence[int] | None = None, layers: int | Sequence[int] | None = None,
                   variants: str | Sequence[str] | None = None, columns: Sequence[str] | None = None) -> Any:
@@ -490,7 +545,8 @@ class Sweep:
         bad = [c for c in cols if c not in names]
         if bad:
             raise InputError(f"column {bad[0]!r} is not in this sweep (it has {', '.join(names)})")
-        parts = [t.select(cols) for t in self._scan(steps_l, layers_l, variants_l, cols)]
+        parts = [t.filter(pa.array(mask)).select(cols)
+                 for _, t, mask in self._scan(steps_l, layers_l, variants_l, cols)]
         if not parts:
             return self._src.schema.empty_table().select(cols).to_pandas()
         return pa.concat_tables(parts).to_pandas()
@@ -520,16 +576,13 @@ class Sweep:
         except KeyError:
             raise InputError(f"unknown colour map {cmap!r}") from None
         cols = ["token_position", col, "image_index", "patch_row", "patch_col"]
-        parts = list(self._scan(steps_l, layers_l, [variant], cols))
-        t = pa.concat_tables(parts) if parts else None
+        parts = list(self._rows(steps_l, layers_l, [variant], cols))
 
-        def arr(name: str, floats: bool = False) -> np.ndarray:
-            if t is None:
-                return np.zeros(0, np.float64 if floats else np.int64)
-            return _floats(t[name]) if floats else _ints(t[name])
+        def arr(name: str) -> np.ndarray:
+            return np.concatenate([r[name] for r in parts]) if parts else np.zeros(0)
 
         data = render.SweepFile(self.path, self.metadata, arr("generation_step"), arr("layer"),
-                                arr("token_position"), arr(col, True), arr("image_index"), arr("patch_row"),
+                                arr("token_position"), arr(col), arr("image_index"), arr("patch_row"),
                                 arr("patch_col"))
         backgrounds = []
         for i, im in enumerate(self.images):

@@ -4,6 +4,8 @@ lazy reading by (step, layer) row group, files of the older one-row-group-per-st
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,10 @@ import pytest
 from PIL import Image
 
 import maskvl
-from maskvl import io
+from maskvl import io, measures, results
 from maskvl.api import run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "What differs <b>here</b>?"
 METRIC_COLUMNS = {"l2": "l2_distance", "cosine": "cosine_distance", "kl": "kl_divergence",
@@ -179,8 +183,8 @@ def test_lazy_reads_only_the_row_groups_and_columns_needed(files, reads):
     assert len(where) == s.num_row_groups == 2 * 3
     s.grid(image=1, step=1, layer=2, variant="Head_4", metric="cosine")
     assert [g for g, _ in reads] == [[where[(1, 2)]]]
-    assert set(reads[0][1]) == {"generation_step", "layer", "variant", "cosine_distance", "image_index",
-                                "patch_row", "patch_col"}
+    # The group holds one (step, layer): those columns need not be read to filter it.
+    assert set(reads[0][1]) == {"variant", "cosine_distance", "image_index", "patch_row", "patch_col"}
     reads.clear()
     s.maps(image=0, steps=[1], layers=[0, 2])
     assert sorted(g for gs, _ in reads for g in gs) == sorted([where[(1, 0)], where[(1, 2)]])
@@ -195,6 +199,37 @@ def test_lazy_reads_only_the_row_groups_and_columns_needed(files, reads):
     assert old.num_row_groups == 2
     np.testing.assert_array_equal(old.grid(1, 1, 2, "Head_4", "cosine"), s.grid(1, 1, 2, "Head_4", "cosine"))
     assert [g for g, _ in reads] == [[1], [where[(1, 2)]]]
+    assert {"generation_step", "layer"} <= set(reads[0][1])  # the old group is filtered to the layer
+
+
+def test_reading_a_grid_imports_neither_torch_nor_pandas(files):
+    """Opening a file and reading grids stays light: no torch (seconds to import), no pandas (about one)."""
+    code = (f"import sys, maskvl; s = maskvl.open({str(files['two'])!r}); s.grid(layer=1); s.maps(image=1); "
+            "s.text(); print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "['pandas']"  # text() returns a DataFrame; grid and maps need no pandas
+    code = code.replace(" s.text();", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["int32", "float32", "float64", "int16"])
+def test_numpy_columns_from_arrow_buffers(kind):
+    """The buffer reader behind grid(): nulls, slices (offsets) and several chunks, as pyarrow's own conversion."""
+    rng = np.random.default_rng(0)
+    values = (rng.random(203) * 100).astype(kind)
+    mask = rng.random(203) < 0.3
+    arr = pa.array(values, mask=mask)
+    col = pa.chunked_array([arr.slice(3, 50), arr.slice(61, 100), arr.slice(0, 0), pa.nulls(5, arr.type)])
+    want = np.concatenate([np.where(mask, np.nan, values)[3:53], np.where(mask, np.nan, values)[61:161],
+                           np.full(5, np.nan)])
+    got = results._numpy(col)
+    if kind.startswith("int"):
+        want = np.where(np.isnan(want), -1, want)
+        assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    assert results._member(np.array([-1, 0, 3, 7, 9, 2]), [3, 2, 7]).tolist() == [False, False, True, True, False, True]
+    assert not results._member(np.array([0, 1]), []).any()
 
 
 def test_old_layout_files_open_in_view_and_render(files, tmp_path, run_main):
@@ -209,6 +244,7 @@ def test_old_layout_files_open_in_view_and_render(files, tmp_path, run_main):
     assert (tmp_path / "old.html").stat().st_size > (files["old"]).stat().st_size
 
 
+@pytest.mark.filterwarnings("ignore:Glyph .* missing")  # tokens DejaVu Sans lacks draw as boxes
 def test_plot_draws_what_render_draws(files, tmp_path, run_main):
     s = maskvl.open(files["two"])
     code, _, err = run_main(["render", str(files["two"]), "-o", str(tmp_path / "r.png"), "--steps", "1",
@@ -227,12 +263,19 @@ def test_plot_draws_what_render_draws(files, tmp_path, run_main):
     assert len(np.unique(np.asarray(Image.open(tmp_path / "kl.png")).reshape(-1, 4), axis=0)) > 100
 
 
+def test_logits_name_matches_the_measures():
+    assert results.LOGITS == measures.LOGITS  # results.py spells it out to stay free of torch
+
+
 def test_summary_for_notebooks(files):
     s = maskvl.open(files["two"])
     page = s._repr_html_()
     assert "two.parquet" in page and "What differs &lt;b&gt;here&lt;/b&gt;?" in page and "<b>here" not in page
     assert "0-1 (2 of 2, complete)" in page and "Head_0 \u2026 Head_5, Logits" in page and "2x3 grid" in page
     assert repr(s).startswith("<maskvl.Sweep two.parquet:") and "steps 0-1, layers 0-2, 9 variants" in repr(s)
+    with maskvl.open(files["two"]) as again:
+        assert again.grid(layer=0).shape == (2, 3)
+    assert again._src.pf.closed
 
 
 @pytest.mark.parametrize("call, message", [
