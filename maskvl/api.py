@@ -1,4 +1,5 @@
-"""The Python API: ``maskvl.sweep(...)`` and the orchestration shared with the CLI and batch runs.
+"""The Python API: ``maskvl.sweep(...)``, ``maskvl.iter_sweep(...)`` and the orchestration shared with
+the CLI and batch runs.
 
 Options are checked by ``maskvl.options`` (the same checks and messages as the command line and batch
 jobs files); :func:`run_sweep` is the one path from resolved options to a written file.
@@ -12,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import pyarrow as pa
 import torch
@@ -24,18 +25,26 @@ from .groups import GroupSpecError, resolve_groups, to_json
 from .inputs import check_prompt, load_image
 from .models import ModelAdapter, adapter_for_loaded, load_model, resolve_device, resolve_dtype
 from .options import OPTIONS
+from .results import Sweep
 
 
 @dataclass
 class SweepOutcome:
-    """What a sweep produced: the rows, the metadata, and where they were written."""
+    """What a sweep produced: the result (rows read from the file when there is one), the metadata,
+    and where they were written."""
 
-    table: pa.Table
+    sweep: Sweep
     metadata: dict[str, Any]
     path: Path | None = None
     seconds: float = 0.0
     generated_text: str = ""
     images: list[Any] = field(default_factory=list)
+    num_rows: int = 0
+
+    @property
+    def table(self) -> pa.Table:
+        """Every row as one table; with an output file this reads the file (``num_rows`` does not)."""
+        return self.sweep.table
 
 
 def as_adapter(model: Any, dtype: str | None = None, device: str | None = None, verbose: bool = False,
@@ -66,7 +75,30 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
 
     ``opts`` are sweep options (``maskvl.options``; checked and completed here). ``images`` are paths or
     PIL images. ``on_progress(done, total)`` is called after each layer. ``mask_groups`` specs are
-    resolved here, against the prepared inputs (image grids and token ranges; ``maskvl.groups``).
+    resolved here, against the prepared inputs (image grids and token ranges; ``maskvl.groups``). With an
+    ``output`` file the rows are not kept in memory: the outcome's :class:`maskvl.results.Sweep` reads them from the file.
+    """
+    steps = iter_run_sweep(adapter, images, prompt, opts, output, on_progress, on_note, extra_metadata,
+                           keep_rows=output is None)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: dict[str, Any],
+                   output: str | os.PathLike | None = None,
+                   on_progress: Callable[[int, int], None] | None = None,
+                   on_note: Callable[[str], None] | None = None,
+                   extra_metadata: dict[str, Any] | None = None,
+                   keep_rows: bool = False) -> Generator[Sweep, None, SweepOutcome]:
+    """:func:`run_sweep` one step at a time: yields a :class:`Sweep` of each step's rows as soon as the
+    step is written, and returns the :class:`SweepOutcome` (``StopIteration.value``).
+
+    Rows are written one table per (step, layer) and dropped, so memory holds one layer's rows at a
+    time; ``keep_rows`` keeps them for the outcome (a run without an output file). Closing the
+    generator early (``break``, Ctrl-C) keeps the completed steps in ``<name>.partial.parquet``.
     """
     opts = options.resolve(opts, has_images=bool(images))
     if images and not adapter.supports_images:
@@ -124,11 +156,13 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
 
     def finish_meta(complete: bool) -> dict[str, Any]:
         meta.update(tokens=tokens.to_list(ids), generated=generated, steps_completed=len(generated),
+                    generated_text=adapter.detokenize([g["id"] for g in generated]),
                     complete=complete, seconds=round(time.perf_counter() - t0, 3))
         return meta
 
     sink = io.ParquetSink(output, float64=float64, csv=opts["csv"]) if output is not None else None
-    tables = []
+    tables: list[pa.Table] = []
+    rows = 0
     total = config.num_tokens * len(layers)
     done = 0
 
@@ -140,15 +174,25 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
 
     try:
         for res in engine.run(prepared, config, on_layer=on_layer, on_note=on_note):
-            table = io.rows_table(res.step, res.layers, tokens, float64=float64, groups=group_meta)
-            if sink is not None:
-                sink.write(table)
-            tables.append(table)
+            # One table per layer, written and dropped: a step's rows never sit in memory all at once.
+            step_tables = []
+            for lr in res.layers:
+                table = io.rows_table(res.step, [lr], tokens, float64=float64, groups=group_meta)
+                if sink is not None:
+                    sink.write(table)
+                rows += table.num_rows
+                step_tables.append(table)
+            if keep_rows:
+                tables.extend(step_tables)
             text = adapter.token_texts([res.generated_id])[0]
             generated.append({"step": res.step, "id": res.generated_id, "text": text})
             if res.step + 1 < config.num_tokens:
                 ids.append(res.generated_id)
                 tokens.append(text)
+            snapshot = json.loads(json.dumps(finish_meta(False)))  # later steps must not change it
+            del res  # the engine's results of this step, before it computes the next
+            yield Sweep.from_tables(step_tables, snapshot, steps=[snapshot["generated"][-1]["step"]])
+            del step_tables
     except BaseException:
         if sink is not None:
             kept = sink.abort(finish_meta(False))
@@ -158,10 +202,11 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
     # A stop token ends generation early: the run is complete with fewer steps than asked.
     meta = finish_meta(True)
     path = sink.close(meta) if sink is not None else None
-    table = pa.concat_tables(tables) if tables else io.schema(float64).empty_table()
-    table = table.replace_schema_metadata({io.METADATA_KEY: json.dumps(meta)})
-    gen_text = adapter.detokenize([g["id"] for g in generated])
-    return SweepOutcome(table, meta, path, time.perf_counter() - t0, gen_text, prepared.images)
+    # Without keep_rows and without a file the rows were only yielded (iter_sweep): the outcome has none.
+    result = Sweep.open(path) if path is not None else \
+        Sweep.from_tables(tables or [io.schema(float64).empty_table()], meta)
+    return SweepOutcome(result, meta, path, time.perf_counter() - t0, meta["generated_text"], prepared.images,
+                        rows)
 
 
 def resolve_target_token(adapter: ModelAdapter, target: str | int | None) -> int | None:
@@ -184,8 +229,10 @@ def resolve_target_token(adapter: ModelAdapter, target: str | int | None) -> int
 
 
 def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, output: str | os.PathLike | None = None,
-          verbose: bool = False, tokenizer: Any = None, image_processor: Any = None, **opts: Any) -> pa.Table:
-    """Run a sweep and return its rows as a ``pyarrow.Table`` (metadata under ``b"maskvl"``).
+          verbose: bool = False, tokenizer: Any = None, image_processor: Any = None, **opts: Any) -> Sweep:
+    """Run a sweep and return its result, a :class:`maskvl.results.Sweep` (``.grid(...)``, ``.maps(...)``,
+    ``.top(...)``, ``.plot(...)``; ``.table`` is every row as a ``pyarrow.Table`` with the metadata under
+    ``b"maskvl"``). With ``output`` the rows are read back from the file when asked for.
 
     Args:
         model: a hub id, a local hub-like directory, ``"builtin:tiny-qwen3-vl"``, a loaded
@@ -200,10 +247,30 @@ def sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *, output: s
     """
     opts = options.resolve(opts, has_images=bool(images))  # before the slow model load
     adapter = as_adapter(model, opts["dtype"], opts["device"], verbose, tokenizer, image_processor)
-    return run_sweep(adapter, list(images), prompt, opts, output=output).table
+    return run_sweep(adapter, list(images), prompt, opts, output=output).sweep
 
 
-sweep.__doc__ = (sweep.__doc__ or "").replace("{options}", options.docstring_lines())
-sweep.__signature__ = inspect.signature(sweep).replace(parameters=[  # type: ignore[attr-defined]
-    p for p in inspect.signature(sweep).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD
-] + options.signature_parameters())
+def iter_sweep(model: Any, images: Sequence[Any] = (), prompt: str = "", *,
+               output: str | os.PathLike | None = None, verbose: bool = False, tokenizer: Any = None,
+               image_processor: Any = None, **opts: Any) -> Iterator[Sweep]:
+    """Run a sweep and yield each generation step as it finishes, as a :class:`maskvl.results.Sweep`
+    holding that step's rows (its metadata: everything known so far). Same arguments as
+    :func:`sweep`; nothing is kept from one step to the next, so memory does not grow with the steps.
+
+    With ``output`` the file is published once the last step is read (``maskvl.open(output)`` then
+    has them all); stopping early keeps the completed steps in ``<name>.partial.parquet``.
+    Sweep options (keyword-only; ``maskvl.options``):
+{options}
+    """
+    # Options are checked and the model loaded now, at the call; the steps run as they are read.
+    opts = options.resolve(opts, has_images=bool(images))
+    adapter = as_adapter(model, opts["dtype"], opts["device"], verbose, tokenizer, image_processor)
+    return iter_run_sweep(adapter, list(images), prompt, opts, output=output)
+
+
+for _fn in (sweep, iter_sweep):
+    _fn.__doc__ = (_fn.__doc__ or "").replace("{options}", options.docstring_lines())
+    _fn.__signature__ = inspect.signature(_fn).replace(parameters=[  # type: ignore[attr-defined]
+        p for p in inspect.signature(_fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD
+    ] + options.signature_parameters())
+del _fn

@@ -1,7 +1,8 @@
 """Output: the Parquet format (``docs/FORMAT.md``), written step by step and published atomically.
 
 A :class:`ParquetSink` writes into a hidden temporary file beside the target, one row group per
-generation step. ``close`` adds the final metadata and renames the file into place (``os.replace`` is
+(generation step, layer), so a reader fetches one layer of one step without touching the rest
+(``maskvl.results``). ``close`` adds the final metadata and renames the file into place (``os.replace`` is
 atomic on POSIX), so a final name never holds a partial file. ``abort`` (an error or Ctrl-C mid-run)
 keeps the completed steps under ``<name>.partial.parquet`` with ``complete: false`` in the metadata.
 A SIGKILL leaves only the hidden temporary file, which :func:`clean_stale_temps` removes.
@@ -19,8 +20,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from . import measures
 
 FORMAT_VERSION = 1
 METADATA_KEY = "maskvl"
@@ -54,6 +53,7 @@ class TokenTable:
 
     def __init__(self, texts: list[str], image_index: np.ndarray, patch_row: np.ndarray, patch_col: np.ndarray):
         self.texts = list(texts)
+        self._unique: tuple[np.ndarray, np.ndarray] | None = None
         self.image_index = np.asarray(image_index, dtype=np.int32)
         self.patch_row = np.asarray(patch_row, dtype=np.int32)
         self.patch_col = np.asarray(patch_col, dtype=np.int32)
@@ -73,9 +73,20 @@ class TokenTable:
 
     def append(self, text: str) -> None:
         self.texts.append(text)
+        self._unique = None
         self.image_index = np.append(self.image_index, np.int32(-1))
         self.patch_row = np.append(self.patch_row, np.int32(-1))
         self.patch_col = np.append(self.patch_col, np.int32(-1))
+
+    def unique_texts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct texts (sorted) and each position's index into them: ``[U]``, ``[S]`` int32.
+
+        Cached until the next :meth:`append`: a step's rows are built layer by layer.
+        """
+        if self._unique is None:
+            uniq, inverse = np.unique(np.asarray(self.texts, dtype=object), return_inverse=True)
+            self._unique = (uniq, inverse.astype(np.int32).reshape(-1))
+        return self._unique
 
     def to_list(self, ids: list[int]) -> list[dict[str, Any]]:
         out = []
@@ -97,6 +108,9 @@ def _nullable(values: np.ndarray) -> pa.Array:
 def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64: bool = False,
                groups: list[dict[str, Any]] | None = None) -> pa.Table:
     """The rows of one step, sorted by layer, variant (natural order), position (or group).
+
+    Called with one layer at a time by :func:`maskvl.api.run_sweep`, so that a step's rows never sit in
+    memory for all layers at once.
 
     ``layer_results`` items (:class:`maskvl.engine.LayerResult`) have ``layer``, ``variants`` (the name
     of each row of the value arrays, the same for every layer), ``positions [P]``, ``l2 [V, P]``,
@@ -129,8 +143,8 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
     positions = np.concatenate(pos_col) if pos_col else np.zeros(0, np.int32)
     n = len(positions)
     if groups is None:
-        uniq, inverse = np.unique(np.asarray(tokens.texts, dtype=object), return_inverse=True)
-        text_idx = inverse.astype(np.int32)[positions]
+        uniq, inverse = tokens.unique_texts()
+        text_idx = inverse[positions]
         kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
         image_idx, patch_row, patch_col = (tokens.image_index[positions], tokens.patch_row[positions],
                                            tokens.patch_col[positions])
@@ -176,6 +190,18 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         "group_index": group_index,
     }
     return pa.Table.from_pydict(cols, schema=schema(float64))
+
+
+def step_layer_runs(table: pa.Table) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges over which ``generation_step`` and ``layer`` stay the same."""
+    n = table.num_rows
+    if n == 0:
+        return []
+    step = table.column("generation_step").to_numpy()
+    layer = table.column("layer").to_numpy()
+    change = np.flatnonzero((step[1:] != step[:-1]) | (layer[1:] != layer[:-1])) + 1
+    bounds = [0, *change.tolist(), n]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _tmp_path(path: Path) -> Path:
@@ -224,7 +250,8 @@ def partial_path(path: Path) -> Path:
 
 
 class ParquetSink:
-    """Writes steps as row groups to a temporary file; publishes it atomically on :meth:`close`."""
+    """Writes rows to a temporary file, one row group per (step, layer); publishes it atomically on
+    :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike, float64: bool = False, csv: bool = False):
         self.path = Path(path)
@@ -236,7 +263,10 @@ class ParquetSink:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+        """Append rows sorted by step and layer (:func:`rows_table`); each (step, layer) run of rows
+        becomes its own row group, whose statistics let a reader pick one layer of one step."""
+        for start, stop in step_layer_runs(table):
+            self.writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
         self.rows += table.num_rows
 
     def _finish(self, metadata: dict[str, Any], target: Path) -> Path:
@@ -301,6 +331,9 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
 def base_metadata(**fields: Any) -> dict[str, Any]:
     """The metadata object with its fixed fields (format version, maskvl version, measure definitions)."""
     from . import __version__
+    # Imported here: maskvl.measures imports torch, which readers of files (maskvl.open, view, render)
+    # do not need and which takes seconds to import.
+    from . import measures
 
     md = {"format_version": FORMAT_VERSION, "maskvl_version": __version__, "measures": measures.DEFINITIONS}
     md.update(fields)

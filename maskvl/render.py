@@ -229,10 +229,11 @@ def _outline_groups(ax: Any, data: SweepFile, step: int, layer: int, image: int,
 
 def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: str, metric: str,
                  backgrounds: list[Any], alpha: float = 0.6, cmap: str = "magma", dpi: int = 110) -> Any:
-    """The small-multiples figure for ``steps`` x ``layers`` (see the module docstring)."""
-    import matplotlib
+    """The small-multiples figure for ``steps`` x ``layers`` (see the module docstring).
 
-    matplotlib.use("Agg")
+    ``metric`` is a key of :data:`METRICS` or a column name (``maskvl.results.Sweep.plot`` passes
+    ``kl_divergence`` too); ``data.path`` may be None for a sweep held in memory.
+    """
     from matplotlib import colors as mcolors
     from matplotlib import pyplot as plt
     from matplotlib.patches import FancyBboxPatch, Rectangle
@@ -285,7 +286,9 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     title_prompt = md.get("prompt", "")
     title_prompt = title_prompt if len(title_prompt) <= 90 else title_prompt[:87] + "..."
     status = "" if md.get("complete") else f"  (partial: {md.get('steps_completed')} of {md.get('num_steps')} steps)"
-    fig.suptitle(f"{data.path.name}: {variant}, {METRICS[metric]}{status}\n{md.get('model', '')}: "
+    column = METRICS.get(metric, metric)
+    name = data.path.name if data.path is not None else "sweep"
+    fig.suptitle(f"{name}: {variant}, {column}{status}\n{md.get('model', '')}: "
                  f"\u201c{title_prompt}\u201d", fontsize=10, y=1 - 0.1 / height, va="top")
     generated = {g.get("step"): g.get("text", "") for g in md.get("generated") or []}
 
@@ -346,7 +349,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
 
     cax = fig.add_axes((width / (width + 1.2) + 0.15 / (width + 1.2), 0.25 / height + 0.05,
                         0.18 / (width + 1.2), 1 - 1.15 / height - 0.1))
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), cax=cax, label=METRICS[metric])
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), cax=cax, label=column)
     return fig
 
 
@@ -401,6 +404,7 @@ def render(parquet_file: str | os.PathLike, output: str | None = None, layers: s
             raise InputError(f"--output {output} exists and is not a folder (end the name with .png for a file)")
         targets = [([s], out_dir / f"{src.stem}.step{s}.png") for s in chosen_steps]
 
+    matplotlib.use("Agg")  # files only: no window, whatever backend the environment picks
     from matplotlib import pyplot as plt
 
     written = []

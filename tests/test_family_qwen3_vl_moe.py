@@ -147,7 +147,7 @@ def test_api_with_a_loaded_float64_model(model_dir: Path, adapter) -> None:
                      tokenizer=adapter.tokenizer, image_processor=adapter.image_processor)
     assert model.config._experts_implementation == "eager"
     ref = maskvl.sweep(adapter, prompt="Hello there", mask_mode="text", layers="2", logits=True)
-    assert t.column("l2_distance").to_pylist() == ref.column("l2_distance").to_pylist()
+    assert t.table.column("l2_distance").to_pylist() == ref.table.column("l2_distance").to_pylist()
 
 
 def test_make_tiny_model_cli(run_main, tmp_path: Path) -> None:

@@ -26,7 +26,12 @@ def test_file_format(adapter32, images, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     pf = pq.ParquetFile(out)
     assert pf.schema_arrow.names == COLUMNS
-    assert pf.metadata.num_row_groups == 2  # one per step
+    # One row group per (step, layer), each holding that step and layer only (their statistics say so).
+    assert pf.metadata.num_row_groups == 2 * 3
+    for i in range(pf.metadata.num_row_groups):
+        rg = pf.metadata.row_group(i)
+        step, layer = rg.column(0).statistics, rg.column(1).statistics
+        assert (step.min, step.max, layer.min, layer.max) == (i // 3, i // 3, i % 3, i % 3)
     t = pf.read().to_pandas()
     md = io.read_metadata(out)
     assert md["complete"] and md["steps_completed"] == 2 and md["format_version"] == 1
@@ -99,7 +104,7 @@ def test_api_with_loaded_transformers_objects(adapter32, images):
     df = t.to_pandas()
     assert set(df.layer) == {1} and set(df.token_kind) == {"image"}
     assert df[df.variant == "Logits"].kl_divergence.notna().all()
-    md = json.loads(t.schema.metadata[b"maskvl"])
+    md = json.loads(t.table.schema.metadata[b"maskvl"])
     assert md["variants"][-1] == "Logits" and md["complete"]
 
 

@@ -110,13 +110,13 @@ def test_a_second_family_registers_without_touching_engine_or_api(qwen3_text_dir
         compare_with_naive(adapter, [], "Explain rotary embeddings.", "both", 2, 1e-9, 1e-6, logits=True, window=2)
         # The API end to end, by directory and with the loaded transformers objects.
         out = tmp_path / "q3.parquet"
-        table = maskvl.sweep(str(qwen3_text_dir), prompt="Hello there", mask_mode="both", num_tokens=2, logits=True,
-                             dtype="float64", output=out)
-        md = json.loads(table.schema.metadata[b"maskvl"])
+        result = maskvl.sweep(str(qwen3_text_dir), prompt="Hello there", mask_mode="both", num_tokens=2, logits=True,
+                              dtype="float64", output=out)
+        md = json.loads(result.table.schema.metadata[b"maskvl"])
         assert md["complete"] and md["images"] == [] and out.exists()
         again = maskvl.sweep(adapter.model, prompt="Hello there", mask_mode="both", num_tokens=2, logits=True,
                              tokenizer=adapter.tokenizer)
-        assert again.column("l2_distance").to_pylist() == table.column("l2_distance").to_pylist()
+        assert again.table.column("l2_distance").to_pylist() == result.table.column("l2_distance").to_pylist()
     assert registry.adapter_class("qwen3") is Qwen3Adapter  # restored
 
 

@@ -6,6 +6,7 @@ package imports every family module (they import transformers' modeling code laz
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,44 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
+
+def _shield_foreign_kernels() -> None:
+    """Keep a folder named ``kernels/`` in the working directory from breaking transformers.
+
+    transformers looks for Hugging Face's ``kernels`` package by importing it; a local folder of that name
+    that is not an installed package and fails to import (e.g. someone's Triton kernels without triton)
+    would make every model class fail to import. Such a folder is reported to transformers as absent.
+    """
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    try:
+        if importlib.util.find_spec("kernels") is None:
+            return
+        importlib.metadata.version("kernels")
+        return  # an installed package: transformers' own business
+    except (importlib.metadata.PackageNotFoundError, ValueError, ImportError):
+        pass
+    try:
+        importlib.import_module("kernels")
+        return
+    except Exception:
+        saved = sys.modules.get("kernels")
+        sys.modules["kernels"] = None  # type: ignore[assignment]
+        try:
+            from transformers.utils import import_utils
+
+            import_utils.is_kernels_available()  # cached (lru_cache) as False from here on
+        finally:
+            if saved is None:
+                sys.modules.pop("kernels", None)
+            else:
+                sys.modules["kernels"] = saved
+
+
+_shield_foreign_kernels()
+
 # Each family module registers its adapter(s) on import.
 from . import llama, mistral, qwen2, qwen2_vl, qwen3, qwen3_moe, qwen3_vl, qwen3_vl_moe  # noqa: F401
 from .base import Capture, ImageInfo, ModelAdapter, Prepared

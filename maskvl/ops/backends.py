@@ -22,6 +22,8 @@ from types import ModuleType
 
 import torch
 
+from ..errors import InputError
+
 from ..errors import MaskvlError
 from . import decode_attention, head_distances, loo_attention, loo_group_attention, vector_distances
 
@@ -224,13 +226,14 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
 
 def _resolve(name: str, device: torch.device | str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+        raise InputError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     status = backend_status(device)
     if name == "auto":
         preferred = "triton" if torch.device(device).type == "cuda" else "cpp"
         name = preferred if status.get(preferred) is None else "reference"
     if status.get(name) is not None:
-        raise ValueError(f"backend {name!r} is unavailable on {torch.device(device)}: {status[name]}")
+        hint = " (pip install triton, or maskvl[triton])" if name == "triton" and "not installed" in str(status[name]) else ""
+        raise InputError(f"backend {name!r} is unavailable on {torch.device(device)}: {status[name]}{hint}")
     return name
 
 
