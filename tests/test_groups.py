@@ -202,6 +202,38 @@ def test_render_group_file_with_overlapping_specs_and_text_groups(tiny_dir, imag
     assert written[0].stat().st_size > 10_000
 
 
+def test_sweep_object_reads_group_runs(tiny_dir, images, tmp_path):
+    """maskvl.open on a group run: grid()/maps() put each group's value (from the file) over its cells,
+    spec= chooses among overlapping specs, per-token readers say what to use instead, plot() draws."""
+    out = tmp_path / "mixed.parquet"
+    maskvl.sweep(str(tiny_dir), [images["wide"]], "Describe it.",
+                 mask_groups=["images", "blocks:2x2", [0, 1, 2]], num_tokens=2, layers="0,2", output=out)
+    sw = maskvl.open(out)
+    df = pq.read_table(out).to_pandas()
+    im = sw.images[0]
+    assert [g["spec"] for g in sw.groups] == ["images", "blocks:2x2", "blocks:2x2", "positions:0-2"]
+    with pytest.raises(InputError, match="several specs"):
+        sw.grid(0, step=1, layer=2)
+    with pytest.raises(InputError, match="no groups of spec 'blocks:3x3'"):
+        sw.grid(0, spec="blocks:3x3")
+    grid = sw.grid(0, step=1, layer=2, variant="Attn", metric="cosine", spec="blocks:2x2")
+    assert grid.shape == (im["grid_rows"], im["grid_cols"]) and not np.isnan(grid).any()
+    for g in sw.groups[1:3]:
+        want = df[(df.group_index == g["index"]) & (df.generation_step == 1) & (df.layer == 2)
+                  & (df.variant == "Attn")]["cosine_distance"].item()
+        cells = np.asarray(g["positions"]) - im["token_start"]
+        assert np.array_equal(grid.reshape(-1)[cells], np.full(len(cells), want))
+    maps = sw.maps(0, variant="Full", spec="images")
+    assert maps.shape == (2, 2, im["grid_rows"], im["grid_cols"])
+    assert all(np.unique(maps[s, l]).size == 1 for s in range(2) for l in range(2))
+    with pytest.raises(InputError, match="group run"):
+        sw.text()
+    with pytest.raises(InputError, match="group run"):
+        sw.top(3)
+    fig = sw.plot(layers=[2], variant="Attn")
+    assert len(fig.axes) >= 2
+
+
 def test_per_token_files_without_group_index_still_render(tiny_dir, images, tmp_path):
     """Files written before group runs lack the group_index column: render reads them as per-token."""
     out = tmp_path / "old.parquet"
@@ -361,7 +393,7 @@ def test_mask_mode_defaults_and_fingerprints():
 
 
 def test_rows_are_groups_in_the_table_returned(tiny_dir, images):
-    table = maskvl.sweep(str(tiny_dir), [images["wide"]], "Hi", mask_groups=[[0, 1], [2]], layers="0")
+    table = maskvl.sweep(str(tiny_dir), [images["wide"]], "Hi", mask_groups=[[0, 1], [2]], layers="0").table
     assert isinstance(table, pa.Table)
     md = json.loads(table.schema.metadata[b"maskvl"])
     assert [g["positions"] for g in md["groups"]] == [[0, 1], [2]]
