@@ -126,6 +126,15 @@ def _loo(dt: torch.dtype, T: int) -> None:
     _kernel_module("loo_attention").loo_attention(_meta(HEADS, HEAD_DIM, dtype=dt), kv, kv, HEAD_DIM ** -0.5)
 
 
+def _groups(dt: torch.dtype, T: int) -> None:
+    # Group knockout as --mask-groups blocks:4x4 hands it over: T / 16 groups of 16 positions (CSR, int64).
+    kv = _meta(KV_HEADS, T, HEAD_DIM, dtype=dt).transpose(0, 1)
+    ng, size = max(1, T // 16), min(16, T)
+    members, offsets = _meta(ng * size, dtype=torch.int64), _meta(ng + 1, dtype=torch.int64)
+    _kernel_module("loo_group_attention").loo_group_attention(_meta(HEADS, HEAD_DIM, dtype=dt), kv, kv,
+                                                              HEAD_DIM ** -0.5, members, offsets)
+
+
 def _head(dt: torch.dtype, T: int) -> None:
     o, delta, gram = _meta(HEADS, HEAD_DIM, dtype=dt), _meta(T, HEADS, HEAD_DIM, dtype=dt), _meta(
         HEADS, HEAD_DIM, HEAD_DIM, dtype=dt)
@@ -136,13 +145,16 @@ def _vector(dt: torch.dtype, T: int, N: int) -> None:
     _kernel_module("vector_distances").vector_distances(_meta(N, dtype=dt), _meta(T, N, dtype=dt))
 
 
-def _decode(dt: torch.dtype, T: int, B: int) -> None:
+def _decode(dt: torch.dtype, T: int, B: int, sets: int = 0) -> None:
     # Queries and own rows come from the replayed layer in the compute dtype; the prefix is the cache.
+    # With ``sets``, the group rows' key sets (exclude_sets [sets, T + 1] bool, exclude_set [B]).
     cd = _kernel_module("_launch").compute_dtype(dt)
     kp = _cache_view(T, dt)
     own = _meta(B, 2, KV_HEADS, HEAD_DIM, dtype=cd)
     q, exclude = _meta(B, HEADS, HEAD_DIM, dtype=cd), _meta(B, dtype=torch.int64)
-    _kernel_module("decode_attention").decode_attention(q, kp, kp, own[:, 0], own[:, 1], HEAD_DIM ** -0.5, exclude)
+    extra = (_meta(sets, T + 1, dtype=torch.bool), _meta(B, dtype=torch.int64)) if sets else ()
+    _kernel_module("decode_attention").decode_attention(q, kp, kp, own[:, 0], own[:, 1], HEAD_DIM ** -0.5, exclude,
+                                                        *extra)
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,8 @@ def all_cases(full: bool = False) -> list[tuple[int, list[Case]]]:
             dt = DTYPES[d]
             for T in Ts:
                 out.append(Case("loo_attention", d, T, f"T={T}", lambda dt=dt, T=T: _loo(dt, T)))
+                out.append(Case("loo_group_attention", d, T, f"T={T} groups={max(1, T // 16)}",
+                                lambda dt=dt, T=T: _groups(dt, T)))
         for d in dtypes_dist:
             dt = DTYPES[d]
             for T in Ts:
@@ -180,6 +194,9 @@ def all_cases(full: bool = False) -> list[tuple[int, list[Case]]]:
                 B = LOGITS_ROWS if T == BIG_T else T + 1
                 out.append(Case("decode_attention", d, T, f"prefix={T} rows={B}",
                                 lambda dt=dt, T=T, B=B: _decode(dt, T, B)))
+                n = max(1, T // 16)  # group rows: one per group plus the clean row, each naming its set
+                out.append(Case("decode_attention", d, T, f"prefix={T} sets={n}",
+                                lambda dt=dt, T=T, n=n: _decode(dt, T, n + 1, n)))
         return out
 
     attn, dist = list(DTYPES), ["fp32", "fp64"]  # the distance ops receive the compute dtype

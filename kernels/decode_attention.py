@@ -1,8 +1,11 @@
 """Triton shared-prefix batched decode attention (``maskvl::decode_attention`` for CUDA tensors).
 
-``q [B, H, D]``, ``k_prefix, v_prefix [T, KV, D]`` shared, ``k_own, v_own [B, KV, D]``, ``exclude [B]``
--> ``out [B, H, D]`` in the compute dtype; same semantics as ``maskvl/ops/decode_attention.py``
-(exclude -1 or any value outside [0, T]: none; e < T: prefix key e; e == T: the variant's own row).
+``q [B, H, D]``, ``k_prefix, v_prefix [T, KV, D]`` shared, ``k_own, v_own [B, KV, D]``, ``exclude [B]``,
+optionally ``exclude_sets [N, T + 1]`` bool with ``exclude_set [B]`` -> ``out [B, H, D]`` in the compute
+dtype; same semantics as ``maskvl/ops/decode_attention.py`` (exclude -1 or any value outside [0, T]:
+none; e < T: prefix key e; e == T: the variant's own row; exclude_set[b] = n >= 0: also every key j
+with exclude_sets[n, j]). The set lookups are compiled only when sets are given (``HAS_SETS``), so the
+single-key path is the same kernel as without them.
 
 One program per (KV head, block of variants): its BLOCK_R query rows are (variant, head-of-group)
 pairs, so every prefix tile is loaded once per program and used by all of them through ``tl.dot``
@@ -27,9 +30,9 @@ from ._launch import acc_type, compute_dtype
 
 
 @triton.jit
-def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
-            B, H, T, D, skt, skh, svt, svh, skob, skoh, svob, svoh,
-            G: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
+def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr, sets_ptr, set_ptr,
+            B, H, T, D, skt, skh, svt, svh, skob, skoh, svob, svoh, sst,
+            G: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr, HAS_SETS: tl.constexpr,
             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     kv = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
@@ -42,6 +45,9 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
     rmask = rv[:, None] & md[None, :]
     q = tl.load(q_ptr + (b[:, None] * H + h[:, None]) * D + offs_d[None, :], mask=rmask, other=0.0).to(ACC)
     ex = tl.load(ex_ptr + b, mask=rv, other=-1)
+    if HAS_SETS:
+        es = tl.load(set_ptr + b, mask=rv, other=-1)  # the row's key set, -1: none (int64)
+        has_set = es >= 0
     scale = tl.load(scale_ptr)
     ninf = float("-inf")
     m = tl.full([BLOCK_R], ninf, ACC)
@@ -54,6 +60,10 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
         k = tl.load(kp_ptr + offs_t[:, None] * skt + kv * skh + offs_d[None, :], mask=tmask, other=0.0).to(ACC)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_R, BLOCK_T]
         keep = mt[None, :] & (offs_t[None, :] != ex[:, None])
+        if HAS_SETS:
+            dropped = tl.load(sets_ptr + es[:, None] * sst + offs_t[None, :], mask=has_set[:, None] & mt[None, :],
+                              other=0)
+            keep = keep & (dropped == 0)
         s = tl.where(keep, s, ninf)
         mn = tl.maximum(m, tl.max(s, axis=1))
         # Rows that have seen no kept key yet keep mn = -inf: subtract 0 instead, so exp(-inf) = 0
@@ -70,6 +80,8 @@ def _decode(q_ptr, kp_ptr, vp_ptr, ko_ptr, vo_ptr, ex_ptr, scale_ptr, out_ptr,
     vo = tl.load(vo_ptr + b[:, None] * svob + kv * svoh + offs_d[None, :], mask=rmask, other=0.0).to(ACC)
     so = tl.sum(q * ko, axis=1) * scale
     keep_o = ex != T
+    if HAS_SETS:
+        keep_o = keep_o & (tl.load(sets_ptr + es * sst + T, mask=has_set, other=0) == 0)
     so = tl.where(keep_o, so, ninf)
     mn = tl.maximum(m, so)
     mns = tl.where(mn == ninf, 0.0, mn)
@@ -97,9 +109,14 @@ def launch_config(prefix_dtype: torch.dtype) -> dict[str, int]:
 
 
 def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor,
-                     v_own: torch.Tensor, scale: float, exclude: torch.Tensor) -> torch.Tensor:
+                     v_own: torch.Tensor, scale: float, exclude: torch.Tensor, exclude_sets: torch.Tensor | None = None,
+                     exclude_set: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the shared-prefix decode attention kernel on the inputs' device; returns ``out [B, H, D]``
-    in the compute dtype."""
+    in the compute dtype.
+
+    ``exclude_sets [N, T + 1]`` bool and ``exclude_set [B]`` (optional, together): row b also leaves out
+    every key j with ``exclude_sets[exclude_set[b], j]`` (none where ``exclude_set[b] < 0``).
+    """
     if q.dim() != 3 or k_prefix.dim() != 3 or k_prefix.shape != v_prefix.shape or k_prefix.shape[2] != q.shape[2]:
         raise ValueError(f"decode_attention: need q [B, H, D], k_prefix = v_prefix [T, KV, D]; got {tuple(q.shape)}, "
                          f"{tuple(k_prefix.shape)}, {tuple(v_prefix.shape)}")
@@ -108,6 +125,18 @@ def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Te
     if H % KV or k_own.shape != (B, KV, D) or v_own.shape != (B, KV, D) or exclude.shape != (B,):
         raise ValueError(f"decode_attention: need H ({H}) a multiple of KV ({KV}), k_own = v_own [{B}, {KV}, {D}], "
                          f"exclude [{B}]; got {tuple(k_own.shape)}, {tuple(v_own.shape)}, {tuple(exclude.shape)}")
+    if (exclude_sets is None) != (exclude_set is None):
+        raise ValueError("decode_attention: exclude_sets and exclude_set go together")
+    has_sets = exclude_sets is not None
+    if has_sets:
+        if exclude_sets.dtype != torch.bool or exclude_sets.dim() != 2 or exclude_sets.shape[1] != T + 1:
+            raise ValueError(f"decode_attention: exclude_sets must be bool [N, {T + 1}], got {exclude_sets.dtype} "
+                             f"{tuple(exclude_sets.shape)}")
+        if exclude_set.shape != (B,) or exclude_set.dtype.is_floating_point:
+            raise ValueError(f"decode_attention: exclude_set must be integer [{B}], got {tuple(exclude_set.shape)}")
+        if B and exclude_set.device.type != "meta" and int(exclude_set.max()) >= exclude_sets.shape[0]:
+            raise ValueError(f"decode_attention: exclude_set names set {int(exclude_set.max())} of "
+                             f"{exclude_sets.shape[0]}")
     G = H // KV
     cd = compute_dtype(q.dtype)
     _launch.check_float64(cd)
@@ -116,6 +145,12 @@ def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Te
     k_prefix, v_prefix, k_own, v_own = (x if x.stride(-1) == 1 else x.contiguous()
                                         for x in (k_prefix, v_prefix, k_own, v_own))
     exclude = exclude.to(device=dev, dtype=torch.int64).contiguous()
+    if has_sets:
+        # uint8 view: the kernel compares bytes (a bool pointer's int1 loads vary across Triton versions).
+        sets = exclude_sets.to(dev).contiguous().view(torch.uint8)
+        set_of = exclude_set.to(device=dev, dtype=torch.int64).contiguous()
+    else:
+        sets, set_of = exclude, exclude  # never read: HAS_SETS=False compiles the lookups out
     out = torch.empty(B, H, D, dtype=cd, device=dev)
     if B == 0:
         return out
@@ -125,8 +160,9 @@ def decode_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Te
     scale_t = torch.full((1,), scale, dtype=cd, device=dev)  # a float kernel argument would be fp32
     _launch.launch(
         _decode, (KV, triton.cdiv(B, BB)),
-        q, k_prefix, v_prefix, k_own, v_own, exclude, scale_t, out,
+        q, k_prefix, v_prefix, k_own, v_own, exclude, scale_t, out, sets, set_of,
         B, H, T, D, k_prefix.stride(0), k_prefix.stride(1), v_prefix.stride(0), v_prefix.stride(1),
-        k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1),
-        G=G, BB=BB, ACC=acc_type(cd), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, **launch_config(k_prefix.dtype))
+        k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1), sets.stride(0) if has_sets else 0,
+        G=G, BB=BB, ACC=acc_type(cd), HAS_SETS=has_sets, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        **launch_config(k_prefix.dtype))
     return out

@@ -21,6 +21,7 @@ import torch
 from . import io, measures, options
 from .engine import Engine, SweepConfig
 from .errors import InputError
+from .groups import GroupSpecError, resolve_groups, to_json
 from .inputs import check_prompt, load_image
 from .models import ModelAdapter, adapter_for_loaded, load_model, resolve_device, resolve_dtype
 from .options import OPTIONS
@@ -73,8 +74,9 @@ def run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, opts: d
     """Prepare inputs, run the engine step by step, write Parquet as it goes; the shared core.
 
     ``opts`` are sweep options (``maskvl.options``; checked and completed here). ``images`` are paths or
-    PIL images. ``on_progress(done, total)`` is called after each layer. With an ``output`` file the
-    rows are not kept in memory: the outcome's :class:`maskvl.results.Sweep` reads them from the file.
+    PIL images. ``on_progress(done, total)`` is called after each layer. ``mask_groups`` specs are
+    resolved here, against the prepared inputs (image grids and token ranges; ``maskvl.groups``). With an
+    ``output`` file the rows are not kept in memory: the outcome's :class:`maskvl.results.Sweep` reads them from the file.
     """
     steps = iter_run_sweep(adapter, images, prompt, opts, output, on_progress, on_note, extra_metadata,
                            keep_rows=output is None)
@@ -122,12 +124,20 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
     if limit and len(ids) + config.num_tokens - 1 > limit:
         raise InputError(f"the prompt is {len(ids)} tokens (images included); with {config.num_tokens} steps "
                          f"that is over the model's {limit} positions")
+    groups = None
+    if opts["mask_groups"] is not None:
+        try:
+            groups = resolve_groups(opts["mask_groups"], prepared.images, prepared.is_image, opts["mask_mode"])
+        except GroupSpecError as exc:
+            raise InputError(f"{OPTIONS['mask_groups'].label}: {exc}") from None
+        config.groups = [list(g.positions) for g in groups]
+    group_meta = [g.to_dict(i) for i, g in enumerate(groups)] if groups is not None else None
     tokens = io.TokenTable.build(adapter.token_texts(ids), prepared.images)
     variants = measures.variant_names(adapter.num_heads, logits=config.logits)
     float64 = engine.cd == torch.float64
     meta = io.base_metadata(
         model=adapter.model_id, dtype=str(adapter.dtype).replace("torch.", ""), device=str(adapter.device),
-        backend=engine.backend.name, prompt=prompt, mask_mode=config.mask_mode,
+        backend=engine.backend.name, prompt=prompt, mask_mode=opts["mask_mode"],
         num_layers=adapter.num_layers, num_heads=adapter.num_heads, layers=layers, variants=variants,
         images=[im.to_dict() for im in prepared.images],
         target=({"mode": "greedy"} if config.target_token is None else
@@ -137,6 +147,7 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
         # Per layer, the keys a query sees (None: full causal). Keys outside the final query's window
         # have no effect at that layer: their rows are exact zeros.
         attention_windows=[adapter.attention_window(layer) for layer in range(adapter.num_layers)],
+        mask_groups=to_json(opts["mask_groups"]), groups=group_meta,
         num_steps=config.num_tokens, steps_completed=0, complete=False,
     )
     if extra_metadata:
@@ -166,7 +177,7 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
             # One table per layer, written and dropped: a step's rows never sit in memory all at once.
             step_tables = []
             for lr in res.layers:
-                table = io.rows_table(res.step, [lr], tokens, float64=float64)
+                table = io.rows_table(res.step, [lr], tokens, float64=float64, groups=group_meta)
                 if sink is not None:
                     sink.write(table)
                 rows += table.num_rows

@@ -40,6 +40,8 @@ Examples:
       --prompt "What differs?" --mask-mode both --num-tokens 3 --layers 0-5,20
   maskvl sweep --model ./my-checkpoint --prompt "Explain RoPE" --dtype float64 --csv
   maskvl sweep --model ./my-checkpoint --image flag.png --prompt "What color?" --logits --target-token " red"
+  maskvl sweep --model ./my-checkpoint --image dog.jpg --prompt "What animal?" --logits \
+      --mask-groups blocks:4x4 --mask-groups 'box:0:120,40,380,300'
 """
 
 
@@ -101,6 +103,8 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, output: str | None, 
     grids = ", ".join(f"{im['grid_rows']}x{im['grid_cols']}" for im in md["images"]) or "none (text-only)"
     click.echo(f"tokens      {len(md['tokens'])} ({sum(t['kind'] == 'image' for t in md['tokens'])} image)")
     click.echo(f"image grids {grids}")
+    if md.get("groups"):
+        click.echo(f"groups      {len(md['groups'])} (one row per group per layer, variant and step)")
     click.echo(f"generated   {res.generated_text!r}")
     click.echo(f"rows        {res.table.num_rows} ({md['steps_completed']} steps x {len(md['layers'])} layers)")
     click.echo(f"backend     {md['backend']}")

@@ -6,6 +6,8 @@ the final position. Then, per measured layer, it computes all masked variants at
 
 1. leave-one-out attention (one pass over that layer's cached K and V) gives the clean head outputs
    ``o [H, D]`` and, for every masked key p, ``delta [P, H, D]`` (see ``maskvl.ops.loo_attention``);
+   with groups (``SweepConfig.groups``), leave-group-out attention gives one row per group of keys
+   removed together (``maskvl.ops.loo_group_attention``), and everything below is the same;
 2. one batched o_proj gives ``Attn`` for all P rows; per-head distances come from the o_proj head
    Gram matrices without materializing ``[P, H, d_model]``;
 3. one batched post-attention block (norm + MLP) over the P masked residual rows gives ``Full``.
@@ -21,9 +23,10 @@ engine speaks only to a :class:`maskvl.models.ModelAdapter` and a :class:`maskvl
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +42,8 @@ class SweepConfig:
     """What the engine measures: the engine's view of the sweep options (``maskvl.options``).
 
     ``layers=None`` means every layer; ``target_token`` is a token id (None: the greedy token).
+    ``groups``: position sets removed together, one result row per set (group knockout), instead of
+    one row per position of ``mask_mode`` (``maskvl.groups`` resolves the ``mask_groups`` option).
     Build it with :meth:`from_options` from resolved options rather than by hand.
     """
 
@@ -50,15 +55,19 @@ class SweepConfig:
     knockout_window: int = 1
     target_token: int | None = None
     max_batch_rows: int = 4096
+    groups: list[list[int]] | None = None
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any], target_token: int | None = None) -> "SweepConfig":
-        """From :func:`maskvl.options.resolve`'s output; ``target_token`` is the resolved token id."""
+    def from_options(cls, opts: dict[str, Any], target_token: int | None = None,
+                     groups: Sequence[Sequence[int]] | None = None) -> "SweepConfig":
+        """From :func:`maskvl.options.resolve`'s output; ``target_token`` is the resolved token id,
+        ``groups`` the resolved position sets of ``mask_groups`` (``maskvl.groups.resolve_groups``)."""
         layers = opts["layers"]
-        return cls(mask_mode=opts["mask_mode"], num_tokens=opts["num_tokens"],
+        return cls(mask_mode=opts["mask_mode"] or "text", num_tokens=opts["num_tokens"],
                    layers=list(layers) if layers is not None else None, backend=opts["backend"],
                    logits=opts["logits"], knockout_window=opts["knockout_window"], target_token=target_token,
-                   max_batch_rows=opts["max_batch_rows"])
+                   max_batch_rows=opts["max_batch_rows"],
+                   groups=[list(g) for g in groups] if groups is not None else None)
 
     def validate(self, num_layers: int) -> list[int]:
         """The measured layers, ascending, checked against the model's ``num_layers``."""
@@ -77,7 +86,8 @@ class LayerResult:
     """All variants of one layer at one step, for the masked positions ``positions [P]``.
 
     ``l2`` and ``cos`` are ``[V, P]``, row ``i`` being variant ``variants[i]``; with the Logits
-    measure, ``kl`` and ``tpd`` are ``[V, P]`` too, NaN except on the Logits row.
+    measure, ``kl`` and ``tpd`` are ``[V, P]`` too, NaN except on the Logits row. In a group run the
+    P columns are groups: ``group_index [P]`` names them and ``positions`` is -1 (no single position).
     """
 
     layer: int
@@ -87,6 +97,7 @@ class LayerResult:
     cos: np.ndarray
     kl: np.ndarray | None = None
     tpd: np.ndarray | None = None
+    group_index: np.ndarray | None = None
 
 
 @dataclass
@@ -120,18 +131,65 @@ def mask_positions(is_image: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.nonzero(sel).flatten()
 
 
+class GroupSet:
+    """Position sets removed together (group knockout), as the ops take them: CSR ``members [M]`` and
+    ``offsets [NG + 1]`` (int64, on the model's device); group ``g`` is ``members[offsets[g]:offsets[g+1]]``."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], seq_len: int, device: torch.device):
+        sets = [sorted(set(int(p) for p in g)) for g in groups]
+        for i, g in enumerate(sets):
+            if not g:
+                raise InputError(f"{OPTIONS['mask_groups'].label}: group {i} is empty")
+            if g[0] < 0 or g[-1] >= seq_len:
+                raise InputError(f"{OPTIONS['mask_groups'].label}: group {i} holds position "
+                                 f"{g[0] if g[0] < 0 else g[-1]}, outside the prompt (positions 0-{seq_len - 1})")
+        self.count = len(sets)
+        self.members = torch.tensor([p for g in sets for p in g], dtype=torch.int64, device=device)
+        self.offsets = torch.tensor([0] + [len(g) for g in sets], dtype=torch.int64).cumsum(0).to(device)
+        self._pairs = (torch.repeat_interleave(torch.arange(self.count), torch.tensor([len(g) for g in sets])),
+                       torch.tensor([p for g in sets for p in g], dtype=torch.int64))
+        self._last = torch.tensor([g[-1] for g in sets], dtype=torch.int64)  # each group's last position
+
+    def within(self, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The groups as seen from a sliding window that starts at key ``lo``: ``(members, offsets,
+        inside)`` with members shifted by ``-lo`` and only the members ``>= lo`` kept, for the groups
+        ``inside [NG_in]`` (indices) that keep any; ``inside`` is None when ``lo`` is 0 (all, unchanged)."""
+        if not lo:
+            return self.members, self.offsets, None
+        gid, pos = self._pairs
+        keep = pos >= lo
+        counts = torch.zeros(self.count, dtype=torch.int64).index_add_(0, gid, keep.long())
+        inside = torch.nonzero(counts > 0).flatten()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts[inside].cumsum(0)])
+        dev = self.members.device
+        return (pos[keep] - lo).to(dev), offsets.to(dev), inside
+
+    def reaching(self, first: int) -> torch.Tensor:
+        """Indices of the groups with a member at ``first`` or later, ascending."""
+        return torch.nonzero(self._last >= first).flatten()
+
+    def key_sets(self, num_keys: int) -> torch.Tensor:
+        """``[NG, num_keys]`` bool, True at each group's members (``decode_attention``'s ``exclude_sets``)."""
+        sets = torch.zeros(self.count, num_keys, dtype=torch.bool)
+        sets[self._pairs] = True
+        return sets.to(self.members.device)
+
+
 @dataclass
 class _LogitsBatch:
     """The rows of one starting layer on their way to the LM head: row 0 clean, then one per masked key.
 
     ``exclude [1 + P]`` is each row's masked key (-1 for the clean row), used inside the knockout window.
     ``cols [P]``: which of the layer's masked positions the rows are (None: all of them, in order).
+    In a group run the rows are groups (``cols`` indexes the step's groups): ``exclude`` is all -1 and
+    ``exclude_set [1 + P]`` names each row's group (-1 for the clean row), a row of ``GroupSet.key_sets``.
     """
 
     start: int
     h: torch.Tensor
     exclude: torch.Tensor
     cols: torch.Tensor | None = None
+    exclude_set: torch.Tensor | None = None
 
 
 class Engine:
@@ -179,9 +237,10 @@ class Engine:
         w = self.adapter.attention_window(layer)
         return 0 if w is None else max(0, seq_len - w)
 
-    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor
-                      ) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
-        """Every variant of ``layer`` for every masked position in ``positions [P]``.
+    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor | None,
+                      groups: GroupSet | None = None) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
+        """Every variant of ``layer`` for every masked position in ``positions [P]``, or, with
+        ``groups``, for every group of positions removed together (then ``positions`` is unused).
 
         Also returns the clean layer update ``[d]`` and the masked updates' deltas ``[P, d]`` (the
         Logits measure continues from them). At a sliding-window layer only the keys inside the final
@@ -192,16 +251,23 @@ class Engine:
         cd = self.cd
         k, v = a.kv(cache, layer)  # [T, KV, D]
         lo = self.window_start(layer, k.shape[0])
-        inside = None
         if lo:
             k, v = k[lo:], v[lo:]  # the window: keys lo..T-1
-            inside = torch.nonzero(positions >= lo).flatten()  # [P_in] indices into positions
-            pos = positions[inside] - lo
+        if groups is None:
+            inside = None
+            if lo:
+                inside = torch.nonzero(positions >= lo).flatten()  # [P_in] indices into positions
+                pos = positions[inside] - lo
+            else:
+                pos = positions
+            o, delta = self.backend.loo_attention(cap.q[layer], k, v, a.scale)  # [H, D], [T, H, D]
+            pos = pos.to(delta.device)
+            delta = delta.index_select(0, pos)  # [P, H, D]
         else:
-            pos = positions
-        o, delta = self.backend.loo_attention(cap.q[layer], k, v, a.scale)  # [H, D], [T, H, D]
-        pos = pos.to(delta.device)
-        delta = delta.index_select(0, pos)  # [P, H, D]
+            # Only a group's keys inside the window are there to remove; a group with none is an exact zero.
+            members, offsets, inside = groups.within(lo)
+            o, delta = self.backend.loo_group_attention(cap.q[layer], k, v, a.scale, members,
+                                                        offsets)  # [H, D], [NG_in, H, D]
         P = delta.shape[0]
         # Cast per use, not cached: a compute-dtype copy of every layer's o_proj would cost GBs at 4B.
         wo = a.o_proj_weight(layer).to(self.cd)  # [d, H*D]
@@ -228,20 +294,27 @@ class Engine:
         else:  # every masked key is outside the window
             l2 = cos = full_clean.new_zeros((2 + a.num_heads, 0))
         if inside is not None:
-            # Keys outside the window: exact zeros in every variant.
-            n = len(positions)
+            # Keys (groups) outside the window: exact zeros in every variant.
+            n = len(positions) if groups is None else groups.count
             idx = inside.to(l2.device)
             l2 = l2.new_zeros((l2.shape[0], n)).index_copy_(1, idx, l2)
             cos = cos.new_zeros((cos.shape[0], n)).index_copy_(1, idx, cos)
             full_delta = full_delta.new_zeros((n, full_delta.shape[1])).index_copy_(
                 0, inside.to(full_delta.device), full_delta)
         names = measures.variant_names(a.num_heads)
-        result = LayerResult(layer, names, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
+        if groups is None:
+            result = LayerResult(layer, names, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
+        else:
+            result = LayerResult(layer, names, np.full(groups.count, -1, np.int64), l2.cpu().numpy(),
+                                 cos.cpu().numpy(), group_index=np.arange(groups.count))
         return result, full_clean, full_delta
 
     def _propagate(self, layer: int, batches: list["_LogitsBatch"], cap: Capture, cache: Any, seq_len: int,
-                   window: int) -> None:
-        """Run every started batch's rows through ``layer`` (single-position decode against the clean prefix)."""
+                   window: int, key_sets: torch.Tensor | None = None) -> None:
+        """Run every started batch's rows through ``layer`` (single-position decode against the clean prefix).
+
+        ``key_sets [NG, seq_len]`` bool: the groups of a group run (rows name theirs in ``exclude_set``).
+        """
         a = self.adapter
         k, v = a.kv(cache, layer)
         T = seq_len - 1
@@ -258,8 +331,19 @@ class Engine:
         if lo:
             # Indices into the window's prefix; a key before the window is not there to leave out.
             exclude = torch.where(exclude >= lo, exclude - lo, torch.full_like(exclude, -1))
-        out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
-            layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
+        if key_sets is None:
+            out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
+                layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
+        else:
+            # Group rows leave out their whole group inside the knockout window (the adapter's attention
+            # call is the same; the sets are bound here), the window's columns only.
+            sets = torch.cat([b.exclude_set if layer - b.start < window else torch.full_like(b.exclude_set, -1)
+                              for b in batches]).to(rows.device)
+            key_sets = key_sets[:, lo:] if lo else key_sets
+            out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
+                layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j],
+                functools.partial(self.backend.decode_attention, exclude_sets=key_sets, exclude_set=sets[i:j]),
+                self.cd))
         i = 0
         for b in batches:
             n = b.h.shape[0]
@@ -300,7 +384,10 @@ class Engine:
         """
         a = self.adapter
         layers = config.validate(a.num_layers)
-        if config.mask_mode == "vision" and not bool(prepared.is_image.any()):
+        groups = None
+        if config.groups is not None:
+            groups = GroupSet(config.groups, prepared.input_ids.shape[1], a.device)
+        elif config.mask_mode == "vision" and not bool(prepared.is_image.any()):
             raise InputError(f"{OPTIONS['mask_mode'].label} vision needs at least one image")
         stops = a.stop_token_ids()
         cache = a.new_cache()
@@ -311,11 +398,14 @@ class Engine:
         self._note = on_note
         for step in range(config.num_tokens):
             t0 = time.perf_counter()
-            positions = mask_positions(is_image, config.mask_mode)
+            positions = mask_positions(is_image, config.mask_mode) if groups is None else None
+            n_rows = len(positions) if groups is None else groups.count
+            # A group's keys, plus the final position's own column (key T of the Logits replay).
+            key_sets = groups.key_sets(seq_len) if groups is not None and config.logits else None
             try:
                 cap = a.prefill(prepared, cache) if step == 0 else a.decode(token, cache)
                 if config.logits and on_note is not None:
-                    rows = len(layers) * (len(positions) + 1)
+                    rows = len(layers) * (n_rows + 1)
                     if rows > config.max_batch_rows:
                         on_note(f"step {step}: Logits runs up to {rows} rows per layer in chunks of "
                                 f"{config.max_batch_rows}")
@@ -326,10 +416,10 @@ class Engine:
                 with torch.no_grad():
                     for layer in range(layers[0], a.num_layers if config.logits else layers[-1] + 1):
                         if batches:
-                            self._propagate(layer, batches, cap, cache, seq_len, config.knockout_window)
+                            self._propagate(layer, batches, cap, cache, seq_len, config.knockout_window, key_sets)
                         if layer not in measured:
                             continue
-                        lr, full_clean, full_delta = self.measure_layer(cap, cache, layer, positions)
+                        lr, full_clean, full_delta = self.measure_layer(cap, cache, layer, positions, groups)
                         results[layer] = lr
                         if config.logits:
                             # Row 0 is this layer's clean output, replayed through the same arithmetic as
@@ -339,13 +429,21 @@ class Engine:
                             # Logits row is an exact zero and it is not replayed.
                             knocked = range(layer, min(layer + config.knockout_window, a.num_layers))
                             first = min(self.window_start(k, seq_len) for k in knocked)
-                            cols = torch.nonzero(positions >= first).flatten() if first else None
-                            kept = positions if cols is None else positions[cols]
+                            if groups is None:
+                                cols = torch.nonzero(positions >= first).flatten() if first else None
+                                kept = positions if cols is None else positions[cols]
+                            else:  # groups with a key in some knockout layer's window
+                                cols = groups.reaching(first) if first else None
                             if cols is not None:
                                 full_delta = full_delta.index_select(0, cols.to(full_delta.device))
                             h = torch.cat([out.unsqueeze(0), out.unsqueeze(0) + full_delta])
-                            ex = torch.cat([torch.tensor([-1]), kept.cpu()])
-                            batches.append(_LogitsBatch(layer, h, ex, cols))
+                            if groups is None:
+                                ex = torch.cat([torch.tensor([-1]), kept.cpu()])
+                                batches.append(_LogitsBatch(layer, h, ex, cols))
+                            else:
+                                ids = torch.arange(n_rows) if cols is None else cols.cpu()
+                                batches.append(_LogitsBatch(layer, h, torch.full((1 + len(ids),), -1), cols,
+                                                            torch.cat([torch.tensor([-1]), ids])))
                         if on_layer is not None:
                             on_layer(step, layer)
                     if config.logits:
@@ -355,7 +453,8 @@ class Engine:
                 # Chunked work has already been retried with smaller chunks (_in_chunks); what remains
                 # does not fit. The caller keeps the completed steps (a .partial.parquet file).
                 raise OutOfMemory(
-                    f"out of memory at step {step} ({seq_len} tokens, {len(positions)} masked positions, "
+                    f"out of memory at step {step} ({seq_len} tokens, {n_rows} masked "
+                    f"{'positions' if groups is None else 'groups'}, "
                     f"{self.rows} rows per chunk): lower max_batch_rows (--max-batch-rows), use a smaller "
                     f"image (max_pixels (--max-pixels)) or measure fewer positions (mask_mode (--mask-mode))"
                 ) from None

@@ -44,6 +44,7 @@ def schema(float64: bool = False) -> pa.Schema:
         ("patch_col", pa.int32()),
         ("kl_divergence", f),
         ("target_prob_delta", f),
+        ("group_index", pa.int32()),
     ])
 
 
@@ -104,15 +105,17 @@ def _nullable(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.int32(), mask=values < 0)
 
 
-def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64: bool = False) -> pa.Table:
-    """The rows of one step, sorted by layer, variant (natural order), position.
+def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64: bool = False,
+               groups: list[dict[str, Any]] | None = None) -> pa.Table:
+    """The rows of one step, sorted by layer, variant (natural order), position (or group).
 
     Called with one layer at a time by :func:`maskvl.api.run_sweep`, so that a step's rows never sit in
     memory for all layers at once.
 
     ``layer_results`` items (:class:`maskvl.engine.LayerResult`) have ``layer``, ``variants`` (the name
     of each row of the value arrays, the same for every layer), ``positions [P]``, ``l2 [V, P]``,
-    ``cos [V, P]``, and ``kl``/``tpd [V, P]`` (NaN where null) or None.
+    ``cos [V, P]``, and ``kl``/``tpd [V, P]`` (NaN where null) or None. In a group run they carry
+    ``group_index [P]`` and ``groups`` is the metadata's group list (labels and images of the rows).
     """
     variants = list(layer_results[0].variants) if layer_results else []
     for lr in layer_results:
@@ -126,19 +129,37 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
             "kl_divergence": np.concatenate([np.asarray(lr.kl, ft).reshape(-1) for lr in layer_results]),
             "target_prob_delta": np.concatenate([np.asarray(lr.tpd, ft).reshape(-1) for lr in layer_results]),
         }
+    group_col = []
     for lr in layer_results:
         P = len(lr.positions)
         n_var = lr.l2.shape[0]
         layer_col.append(np.full(n_var * P, lr.layer, np.int32))
         pos_col.append(np.tile(np.asarray(lr.positions, np.int32), n_var))
+        if groups is not None:
+            group_col.append(np.tile(np.asarray(lr.group_index, np.int32), n_var))
         var_col.append(np.repeat(np.arange(n_var, dtype=np.int16), P))
         l2_col.append(np.asarray(lr.l2, ft).reshape(-1))
         cos_col.append(np.asarray(lr.cos, ft).reshape(-1))
     positions = np.concatenate(pos_col) if pos_col else np.zeros(0, np.int32)
     n = len(positions)
-    uniq, inverse = tokens.unique_texts()
-    text_idx = inverse[positions]
-    kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
+    if groups is None:
+        uniq, inverse = tokens.unique_texts()
+        text_idx = inverse[positions]
+        kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
+        image_idx, patch_row, patch_col = (tokens.image_index[positions], tokens.patch_row[positions],
+                                           tokens.patch_col[positions])
+        group_index = pa.nulls(n, type=pa.int32())
+    else:
+        # A group row is about a set of positions: token_masked is its label, token_kind "group",
+        # image_index its image (null if it spans several or none); no single position, row or column.
+        gidx = np.concatenate(group_col) if group_col else np.zeros(0, np.int32)
+        uniq, inverse = np.unique(np.asarray([g["label"] for g in groups], dtype=object), return_inverse=True)
+        text_idx = inverse.astype(np.int32)[gidx]
+        kinds = np.full(n, 2, np.int8)
+        image_idx = np.asarray([-1 if g["image_index"] is None else g["image_index"] for g in groups],
+                               np.int32)[gidx]
+        patch_row = patch_col = np.full(n, -1, np.int32)
+        group_index = pa.array(gidx, pa.int32())
     f = pa.float64() if float64 else pa.float32()
     null_f = pa.nulls(n, type=f)
 
@@ -153,18 +174,20 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         "layer": pa.array(np.concatenate(layer_col) if layer_col else np.zeros(0, np.int32)),
         "token_masked": pa.DictionaryArray.from_arrays(pa.array(text_idx, pa.int32()),
                                                        pa.array([str(u) for u in uniq], pa.string())),
-        "token_position": pa.array(positions),
+        "token_position": pa.array(positions) if groups is None else pa.nulls(n, type=pa.int32()),
         "variant": pa.DictionaryArray.from_arrays(
             pa.array(np.concatenate(var_col) if var_col else np.zeros(0, np.int16), pa.int16()),
             pa.array(variants, pa.string())),
         "l2_distance": pa.array(np.concatenate(l2_col) if l2_col else np.zeros(0, ft), f),
         "cosine_distance": pa.array(np.concatenate(cos_col) if cos_col else np.zeros(0, ft), f),
-        "token_kind": pa.DictionaryArray.from_arrays(pa.array(kinds, pa.int8()), pa.array(["text", "image"])),
-        "image_index": _nullable(tokens.image_index[positions]),
-        "patch_row": _nullable(tokens.patch_row[positions]),
-        "patch_col": _nullable(tokens.patch_col[positions]),
+        "token_kind": pa.DictionaryArray.from_arrays(pa.array(kinds, pa.int8()),
+                                                     pa.array(["text", "image"] + (["group"] if groups is not None else []))),
+        "image_index": _nullable(image_idx),
+        "patch_row": _nullable(patch_row),
+        "patch_col": _nullable(patch_col),
         "kl_divergence": opt("kl_divergence"),
         "target_prob_delta": opt("target_prob_delta"),
+        "group_index": group_index,
     }
     return pa.Table.from_pydict(cols, schema=schema(float64))
 

@@ -2,9 +2,10 @@
 
 For every generation step s, layer L and masked key p this runs the unmodified model on the whole
 sequence (prompt + s greedy tokens, fresh, no cache) with exactly one attention entry removed: key p
-for the final query row at layer L. The removal goes through transformers' attention-function registry
-(a registered attention implementation named ``maskvl_knockout``, selected on the model's text config
-only for the duration of the call), not by patching transformers. Layer L's attention is then computed
+for the final query row at layer L (for group knockout: every key of the group, for that row only).
+The removal goes through transformers' attention-function registry (a registered attention
+implementation named ``maskvl_knockout``, selected on the model's text config only for the duration of
+the call), not by patching transformers. Layer L's attention is then computed
 explicitly in float64 (float64 models) or float32 (others), under the attention mask transformers
 built for that layer (causal, or causal with a sliding window); every other layer uses the model's own
 SDPA attention. The clean vectors each masked forward is compared with come from the same forward
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ _target = threading.local()
 
 
 def _knockout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention with key ``p`` removed for the final query row at the target layers only (``p`` None:
-    nothing removed, the same explicit arithmetic).
+    """Attention with key ``p`` (or every key of a set) removed for the final query row at the target
+    layers only (``p`` None: nothing removed, the same explicit arithmetic).
 
     ``query [B, H, Sq, D]``, ``key/value [B, KV, Sk, D]``; returns ``([B, Sq, H, D], None)`` like
     transformers' attention functions.
@@ -65,7 +66,7 @@ def _knockout_attention(module, query, key, value, attention_mask, scaling=None,
         allowed = attention_mask[..., :Sk] == 0
     allowed = allowed.clone()
     if p is not None:
-        allowed[..., Sq - 1, p] = False
+        allowed[..., Sq - 1, torch.as_tensor(p, dtype=torch.long, device=allowed.device)] = False
     s = s.masked_fill(~allowed, float("-inf"))
     out = torch.matmul(torch.softmax(s, dim=-1), v)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -80,11 +81,12 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def knockout(adapter: ModelAdapter, layers: Any, position: int | None) -> Iterator[None]:
+def knockout(adapter: ModelAdapter, layers: Any, position: int | Sequence[int] | None) -> Iterator[None]:
     """Within the block, the decoder attention removes ``position`` for the final query at ``layers``.
 
     ``layers`` is a layer index or a collection of them (the Logits measure's knockout window);
-    ``position`` None computes those layers' attention the same explicit way without removing anything.
+    ``position`` a key position or a collection of them, removed together (group knockout); None computes
+    those layers' attention the same explicit way without removing anything.
     """
     _register()
     cfg = adapter.attention_config()
@@ -93,7 +95,8 @@ def knockout(adapter: ModelAdapter, layers: Any, position: int | None) -> Iterat
     if layers is None:
         _target.value = None
     else:
-        _target.value = (frozenset([layers] if isinstance(layers, int) else layers), position)
+        keys = position if position is None or isinstance(position, int) else sorted(set(position))
+        _target.value = (frozenset([layers] if isinstance(layers, int) else layers), keys)
     try:
         yield
     finally:
@@ -110,7 +113,7 @@ class _Vectors:
 
 
 def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[int], layers: list[int],
-                     target: tuple[Any, int | None] | None) -> dict[int, _Vectors]:
+                     target: tuple[Any, Any] | None) -> dict[int, _Vectors]:
     """One full forward (with the knockout ``target`` if given); the final position's vectors per layer."""
     cd = measures.compute_dtype(adapter.dtype)
     store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
@@ -156,7 +159,10 @@ def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[
 
 @dataclass
 class NaiveStep:
-    """Brute-force results of one step: per layer ``l2``/``cos`` ``[V, P]`` (variant order as the engine)."""
+    """Brute-force results of one step: per layer ``l2``/``cos`` ``[V, P]`` (variant order as the engine).
+
+    In a group run the P columns are the groups (``group_index [P]``) and ``positions`` is -1.
+    """
 
     step: int
     positions: np.ndarray
@@ -166,6 +172,7 @@ class NaiveStep:
     logits_clean: torch.Tensor  # [V], the model's own forward
     logits_masked: dict[int, torch.Tensor]  # layer -> [P, V]
     logits_unmasked: dict[int, torch.Tensor]  # layer -> [V], the same knockout forward removing nothing
+    group_index: np.ndarray | None = None
 
     def logits_measures(self, layer: int, target: int | None = None) -> dict[str, np.ndarray]:
         """``l2``, ``cos``, ``kl``, ``tpd`` ``[P]`` of the Logits variant at ``layer`` (target: greedy token)."""
@@ -179,11 +186,14 @@ class NaiveStep:
 
 @torch.no_grad()
 def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "text", num_tokens: int = 1,
-                    layers: list[int] | None = None, knockout_window: int = 1) -> list[NaiveStep]:
+                layers: list[int] | None = None, knockout_window: int = 1,
+                groups: Sequence[Sequence[int]] | None = None) -> list[NaiveStep]:
     """The naive method: a full masked forward per (step, layer, masked position).
 
     With ``knockout_window`` k the key is removed at layers L..L+k-1 (the Logits measure's window);
     layer L's own vectors do not depend on later layers, so Full/Attn/Head stay the single-layer ones.
+    With ``groups`` (position sets) each forward removes a whole set instead, one column per set, and
+    ``mask_mode`` is not used.
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mask_mode!r}")
@@ -194,7 +204,8 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
     steps = []
     for step in range(num_tokens):
         logits_clean = adapter.forward_full(prepared, generated).to(measures.compute_dtype(adapter.dtype))
-        positions = mask_positions(is_image, mask_mode).tolist()
+        positions = mask_positions(is_image, mask_mode).tolist() if groups is None else [-1] * len(groups)
+        removed = [[p] for p in positions] if groups is None else [list(g) for g in groups]
         l2: dict[int, np.ndarray] = {}
         cos: dict[int, np.ndarray] = {}
         logits_masked: dict[int, torch.Tensor] = {}
@@ -204,8 +215,8 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
             window = range(layer, min(layer + knockout_window, adapter.num_layers))
             c = _capture_forward(adapter, prepared, generated, [layer], (window, None))[layer]
             logits_unmasked[layer] = c.logits
-            for p in positions:
-                m = _capture_forward(adapter, prepared, generated, [layer], (window, p))[layer]
+            for keys in removed:
+                m = _capture_forward(adapter, prepared, generated, [layer], (window, keys))[layer]
                 pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h]) for h in range(adapter.num_heads)]
                 d = [measures.vector_distances_direct(a, b) for a, b in pairs]
                 rows_l2.append(torch.stack([x[0] for x in d]))
@@ -216,7 +227,7 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
             logits_masked[layer] = torch.stack(rows_logits)
         token = int(logits_clean.argmax())
         steps.append(NaiveStep(step, np.array(positions), l2, cos, token, logits_clean, logits_masked,
-                               logits_unmasked))
+                               logits_unmasked, None if groups is None else np.arange(len(groups))))
         if token in stops:
             break
         generated.append(token)

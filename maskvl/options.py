@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import InputError
+from .groups import GroupSpecError, needs_images, parse_specs, to_json
 
 MASK_MODES = ("text", "vision", "both")
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -54,7 +55,9 @@ class Option:
     ``check(value)`` takes the value as Python or YAML gives it, or as text from the command line,
     and returns it normalised, or raises :class:`InputError` with a message naming the option.
     ``model_level`` options are fixed when the model loads (a batch sets them once, under ``defaults``);
-    ``fingerprint`` options shape the result (a batch reruns a job when one of them changes).
+    ``fingerprint`` options shape the result (a batch reruns a job when one of them changes);
+    ``fingerprint_when_set`` ones only count when not None, so results written before the option
+    existed keep their fingerprint. ``multiple`` options repeat on the command line.
     """
 
     name: str
@@ -66,6 +69,8 @@ class Option:
     metavar: str | None = None
     model_level: bool = False
     fingerprint: bool = True
+    fingerprint_when_set: bool = False
+    multiple: bool = False
 
     @property
     def cli(self) -> str:
@@ -160,6 +165,13 @@ def _device(opt: Option, value: Any) -> str | None:
     return value
 
 
+def _mask_groups(opt: Option, value: Any) -> tuple[str | tuple[int, ...], ...] | None:
+    try:
+        return parse_specs(value)
+    except GroupSpecError as exc:
+        raise InputError(f"{opt.label}: {exc}") from None
+
+
 def _dtype(opt: Option, value: Any) -> str | None:
     if value is None:
         return None
@@ -169,8 +181,13 @@ def _dtype(opt: Option, value: Any) -> str | None:
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in [
-    Option("mask_mode", "text", "Mask text tokens, image patches, or every position.", _choice,
+    Option("mask_mode", None, "Mask text tokens, image patches, or every position (default: text; with "
+           "mask_groups: only this mode's positions may be in a group, default any).", _optional_choice,
            choices=MASK_MODES),
+    Option("mask_groups", None, "Remove sets of positions together, one row per set, instead of one "
+           "position per row: blocks:RxC (blocks of each image grid), images, box:IMAGE:x0,y0,x1,y1 (tokens "
+           "whose patch overlaps a pixel box of the original image), positions:LIST; repeatable.", _mask_groups,
+           metavar="SPEC", multiple=True, fingerprint_when_set=True),
     Option("num_tokens", 1, "Generation steps to measure (greedy; stops at the end-of-turn token).",
            _int_at_least(1), metavar="N"),
     Option("layers", None, "Layers to measure, e.g. 0-5,20 (default: all).", _layers, metavar="LIST"),
@@ -218,6 +235,8 @@ def resolve(values: Mapping[str, Any], has_images: bool | None = None) -> dict[s
     """
     out = {name: opt.default for name, opt in OPTIONS.items()}
     out.update(check_options(values))
+    if out["mask_groups"] is None and out["mask_mode"] is None:
+        out["mask_mode"] = "text"
     logits = OPTIONS["logits"]
     if out["target_token"] is not None and not out["logits"]:
         raise InputError(f"{OPTIONS['target_token'].label} needs {logits.label}: without the Logits measure "
@@ -227,13 +246,21 @@ def resolve(values: Mapping[str, Any], has_images: bool | None = None) -> dict[s
                          f"layer only changes the Logits measure")
     if has_images is False and out["mask_mode"] == "vision":
         raise InputError(f"{OPTIONS['mask_mode'].label} vision needs at least one image")
+    if has_images is False and out["mask_groups"] is not None and needs_images(out["mask_groups"]):
+        raise InputError(f"{OPTIONS['mask_groups'].label} {needs_images(out['mask_groups'])} needs at least "
+                         f"one image")
     return out
 
 
 def fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     """The resolved options that shape a result (JSON-ready), for deciding whether a batch job reruns."""
-    return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()
-            if name in OPTIONS and OPTIONS[name].fingerprint and not OPTIONS[name].model_level}
+    out = {}
+    for name, v in values.items():
+        opt = OPTIONS.get(name)
+        if opt is None or not opt.fingerprint or opt.model_level or (opt.fingerprint_when_set and v is None):
+            continue
+        out[name] = to_json(v) if name == "mask_groups" else list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def signature_parameters() -> list[inspect.Parameter]:
@@ -265,6 +292,9 @@ def click_options(names: Iterable[str] | None = None) -> Callable[[Callable[...,
                 fn = click.option(opt.cli, opt.name, is_flag=True, default=opt.default, help=opt.help)(fn)
                 continue
             metavar = opt.metavar or ("[" + "|".join(opt.choices) + "]" if opt.choices else None)
+            if opt.multiple:  # repeated on the command line; none given reaches resolve as () = unset
+                fn = click.option(opt.cli, opt.name, type=str, multiple=True, metavar=metavar, help=opt.help)(fn)
+                continue
             fn = click.option(opt.cli, opt.name, type=str, default=opt.default,
                               show_default=opt.default is not None, metavar=metavar, help=opt.help)(fn)
         return fn

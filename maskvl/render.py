@@ -5,6 +5,11 @@ selected layer: the merged-token grid's values over the image, stretched to the 
 ``docs/FORMAT.md``) and a strip per layer of coloured chips for the masked text tokens. All panels and
 chips share one colour scale, shown by one colourbar, so colours compare across layers, steps and
 images. Files are written atomically (hidden temporary file, then ``os.replace``).
+
+Group runs (``mask_groups``) are drawn as blocks: each group's value fills all of its grid cells, with
+a thin outline around the group's grid rectangle. Groups of different specs may overlap (``images``
+and ``blocks:4x4``), so each spec touching an image gets its own row of panels; groups that are not
+within one image (text positions, or several images) are chips labelled with the group.
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ class SweepFile:
     layer: Any
     position: Any
     value: Any
-    image_index: Any  # -1 for text rows
+    image_index: Any  # -1 for text rows (and for groups not within one image)
     patch_row: Any
     patch_col: Any
+    group: Any = None  # group_index, -1 for per-token rows (files written before groups: all -1)
+
+    def group_info(self) -> list[dict[str, Any]]:
+        """The metadata's group list (empty for per-token files)."""
+        return self.metadata.get("groups") or []
 
 
 def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
@@ -59,8 +69,10 @@ def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
         raise InputError(f"{p} is a directory, not a Parquet file")
     try:
         md = io.read_metadata(p)
+        names = pq.read_schema(p).names
         table = pq.read_table(p, columns=["generation_step", "layer", "token_position", "variant", METRICS[metric],
-                                          "image_index", "patch_row", "patch_col"])
+                                          "image_index", "patch_row", "patch_col"]
+                              + (["group_index"] if "group_index" in names else []))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(f"cannot read {p} as a maskvl Parquet file: {str(exc).splitlines()[0]}") from None
     if not md:
@@ -76,9 +88,10 @@ def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
             c = pc.fill_null(c, fill)
         return c.to_numpy()
 
-    return SweepFile(p, md, col("generation_step"), col("layer"), col("token_position"),
+    group = col("group_index", -1) if "group_index" in table.column_names else np.full(table.num_rows, -1)
+    return SweepFile(p, md, col("generation_step"), col("layer"), col("token_position", -1),
                      col(METRICS[metric]).astype(np.float64), col("image_index", -1), col("patch_row", -1),
-                     col("patch_col", -1))
+                     col("patch_col", -1), group)
 
 
 def _parse_selection(spec: str | None, available: list[int], what: str) -> list[int]:
@@ -150,13 +163,68 @@ def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
         fig.savefig(tmp, format="png", dpi=dpi)
 
 
-def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int) -> Any:
-    """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured)."""
+def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int,
+               spec: str | None = None) -> Any:
+    """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured).
+
+    With ``spec`` (group files), the groups of that spec in this image instead: each group's value over
+    all of its members' cells.
+    """
 
     heat = np.full((rows, cols), np.nan)
     m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
-    heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+    if spec is None:
+        m &= data.group < 0
+        heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+        return heat
+    groups = data.group_info()
+    start = (data.metadata.get("images") or [])[image]["token_start"]
+    for g, value in zip(data.group[m & (data.group >= 0)], data.value[m & (data.group >= 0)]):
+        info = groups[int(g)]
+        if info["spec"] != spec:
+            continue
+        k = np.asarray(info["positions"]) - start
+        heat[k // cols, k % cols] = value
     return heat
+
+
+def _image_specs(data: SweepFile, image: int, sel: Any) -> list[str | None]:
+    """What to draw for an image: its per-token grid (None) and/or each group spec with groups in it."""
+    out: list[str | None] = []
+    rows = sel & (data.image_index == image)
+    if bool((rows & (data.group < 0)).any()):
+        out.append(None)
+    groups = data.group_info()
+    for g in sorted({int(g) for g in data.group[rows & (data.group >= 0)]}):
+        if groups[g]["spec"] not in out:
+            out.append(groups[g]["spec"])
+    return out
+
+
+def _chip_label(data: SweepFile, tokens: list[dict[str, Any]], position: int, group: int) -> str:
+    if group >= 0:
+        return _chip_text(data.group_info()[group]["label"])
+    return _chip_text(tokens[position]["text"] if 0 <= position < len(tokens) else f"#{position}")
+
+
+def _outline_groups(ax: Any, data: SweepFile, step: int, layer: int, image: int, spec: str, rectangle: Any) -> None:
+    """A thin outline around each drawn group's grid rectangle (so equal neighbours stay apart)."""
+    m = (data.step == step) & (data.layer == layer) & (data.image_index == image) & (data.group >= 0)
+    groups = data.group_info()
+    for g in np.unique(data.group[m]):
+        info = groups[int(g)]
+        if info["spec"] != spec or info.get("row_range") is None:
+            continue
+        (r0, r1), (c0, c1) = info["row_range"], info["col_range"]
+        ax.add_patch(rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, edgecolor="white", linewidth=0.6, alpha=0.8))
+        if spec.startswith("box:") and info.get("box") is not None:
+            # The user's pixel box itself (original-image pixels -> grid units), dashed.
+            im = (data.metadata.get("images") or [])[image]
+            w, h = im["original_size"]
+            x0, y0, x1, y1 = info["box"]
+            sx, sy = im["grid_cols"] / w, im["grid_rows"] / h
+            ax.add_patch(rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, edgecolor="cyan",
+                                   linewidth=0.8, linestyle="--"))
 
 
 def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: str, metric: str,
@@ -168,7 +236,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     """
     from matplotlib import colors as mcolors
     from matplotlib import pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
+    from matplotlib.patches import FancyBboxPatch, Rectangle
 
     md = data.metadata
     images = md.get("images") or []
@@ -190,20 +258,23 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     strip_width = width - 0.5  # the left gutter holds the layer label
 
     # Height of each block, in inches: image rows follow the resized image's aspect; strips their lines.
-    blocks: list[tuple[str, int, Any, float]] = []
+    # Image rows are (step, image, spec): spec None for per-token values, else one group spec.
+    blocks: list[tuple[str, int, Any, float, str | None]] = []
     for s in steps:
         for i in image_ids:
             im = images[i]
             rw, rh = im.get("resized_size") or [im["grid_cols"], im["grid_rows"]]
-            blocks.append(("image", s, i, PANEL_IN * rh / rw + 0.45))
+            for spec in _image_specs(data, i, sel & (data.step == s)):
+                blocks.append(("image", s, i, PANEL_IN * rh / rw + 0.45, spec))
         if has_text:
             lines_total = 0
             step_rows = (data.step == s) & (data.image_index < 0)
             for layer in layers:
-                pos = np.unique(data.position[step_rows & (data.layer == layer)])
-                texts = [_chip_text(tokens[int(p)]["text"] if int(p) < len(tokens) else f"#{p}") for p in pos]
+                m = step_rows & (data.layer == layer)
+                keys = sorted(set(zip(data.group[m].tolist(), data.position[m].tolist())))
+                texts = [_chip_label(data, tokens, int(p), int(g)) for g, p in keys]
                 lines_total += _layout_chips(texts, strip_width)[1]
-            blocks.append(("text", s, None, 0.5 + lines_total * 0.24))
+            blocks.append(("text", s, None, 0.5 + lines_total * 0.24, None))
     height = sum(b[3] for b in blocks) + 1.2
     if max(width + 1.2, height) * dpi > MAX_SIDE_PX:
         raise InputError(f"the figure would be {width + 1.2:.0f}x{height:.0f} inches; choose fewer --layers/--steps "
@@ -221,7 +292,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
                  f"\u201c{title_prompt}\u201d", fontsize=10, y=1 - 0.1 / height, va="top")
     generated = {g.get("step"): g.get("text", "") for g in md.get("generated") or []}
 
-    for row, (kind, s, i, _) in enumerate(blocks):
+    for row, (kind, s, i, _, spec) in enumerate(blocks):
         step_label = f"step {s}" + (f" \u2192 {_chip_text(generated[s])!s}" if s in generated else "")
         if kind == "image":
             im = images[i]
@@ -230,7 +301,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
             sub = grid[row].subgridspec(1, ncols, wspace=0.08)
             for c, layer in enumerate(layers):
                 ax = fig.add_subplot(sub[0, c])
-                heat = image_grid(data, s, layer, i, gr, gc)
+                heat = image_grid(data, s, layer, i, gr, gc, spec)
                 extent = (0, gc, gr, 0)
                 bg = backgrounds[i] if i < len(backgrounds) else None
                 if bg is not None:
@@ -243,9 +314,12 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
                 ax.set_ylim(gr, 0)
                 ax.set_xticks([])
                 ax.set_yticks([])
+                if spec is not None:
+                    _outline_groups(ax, data, s, layer, i, spec, Rectangle)
                 ax.set_title(f"layer {layer}", fontsize=8, pad=2)
                 if c == 0:
-                    ax.set_ylabel(f"{step_label}\nimage {i} ({gr}x{gc})", fontsize=8, parse_math=False)
+                    what = f"image {i} ({gr}x{gc})" + (f"\ngroups {spec}" if spec is not None else "")
+                    ax.set_ylabel(f"{step_label}\n{what}", fontsize=8, parse_math=False)
         else:
             ax = fig.add_subplot(grid[row])
             ax.set_axis_off()
@@ -255,10 +329,11 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
                     parse_math=False, fontweight="bold")
             for layer in layers:
                 m = step_rows & (data.layer == layer)
-                order = np.argsort(data.position[m], kind="stable")
+                order = np.lexsort((data.position[m], data.group[m]))
                 pos = data.position[m][order]
+                grp = data.group[m][order]
                 vals = data.value[m][order]
-                texts = [_chip_text(tokens[int(p)]["text"] if int(p) < len(tokens) else f"#{p}") for p in pos]
+                texts = [_chip_label(data, tokens, int(p), int(g)) for p, g in zip(pos, grp)]
                 placed, nlines = _layout_chips(texts, strip_width)
                 ax.text(-0.45, y + 0.12, f"L{layer}", fontsize=7, va="center", ha="left")
                 for (x, line, w), t, v in zip(placed, texts, vals):

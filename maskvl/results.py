@@ -290,6 +290,12 @@ class Sweep:
         return [(int(im["grid_rows"]), int(im["grid_cols"])) for im in self.images]
 
     @property
+    def groups(self) -> list[dict[str, Any]]:
+        """A group run's groups (``mask_groups``): ``index``, ``spec``, ``label``, ``positions``,
+        ``image_index`` (None unless within one image), ``box``; empty for a per-token sweep."""
+        return list(self.metadata.get("groups") or [])
+
+    @property
     def generated(self) -> list[dict[str, Any]]:
         """The token chosen after each step: ``{"step", "id", "text"}``."""
         return list(self.metadata.get("generated") or [])
@@ -425,44 +431,76 @@ class Sweep:
             yield row
 
     def grid(self, image: int = 0, step: int = 0, layer: int | None = None, variant: str = "Full",
-             metric: str = "l2") -> np.ndarray:
+             metric: str = "l2", spec: str | None = None) -> np.ndarray:
         """One image's merged-token grid at one step and layer: ``[rows, cols]`` float64, NaN where not
         measured. ``layer=None`` is the last measured layer; ``metric``: ``l2``, ``cosine``, and for the
-        ``Logits`` variant ``kl`` and ``target_prob`` (or the column names)."""
-        im = self._image(image)
-        step, layer, variant = self._step(step), self._layer(layer), self._variant(variant)
-        col = self._metric(metric, [variant])
-        out = np.full((int(im["grid_rows"]), int(im["grid_cols"])), np.nan)
-        for r in self._rows([step], [layer], [variant], [col, "image_index", "patch_row", "patch_col"]):
-            m = r["image_index"] == int(image)
-            out[r["patch_row"][m], r["patch_col"][m]] = r[col][m]
-        return out
+        ``Logits`` variant ``kl`` and ``target_prob`` (or the column names). In a group run each group's
+        value fills all of its cells; ``spec`` picks the groups (``"blocks:4x4"``...) when several specs
+        cover the image."""
+        step = self._step(step)
+        return self.maps(image, [step], [self._layer(layer)], variant, metric, spec)[0, 0]
 
     def maps(self, image: int = 0, steps: int | Sequence[int] | None = None,
-             layers: int | Sequence[int] | None = None, variant: str = "Full", metric: str = "l2") -> np.ndarray:
+             layers: int | Sequence[int] | None = None, variant: str = "Full", metric: str = "l2",
+             spec: str | None = None) -> np.ndarray:
         """One image's grids for several steps and layers: ``[steps, layers, rows, cols]`` float64, NaN
-        where not measured. ``steps``/``layers``: one value, a list, or None for all (ascending)."""
+        where not measured. ``steps``/``layers``: one value, a list, or None for all (ascending).
+        ``spec`` as in :meth:`grid`."""
         im = self._image(image)
         steps_l = self._many(steps, self._step, self.steps)
         layers_l = self._many(layers, self._layer, self.layers)
         variant = self._variant(variant)
         col = self._metric(metric, [variant])
-        out = np.full((len(steps_l), len(layers_l), int(im["grid_rows"]), int(im["grid_cols"])), np.nan)
+        rows, cols = int(im["grid_rows"]), int(im["grid_cols"])
+        out = np.full((len(steps_l), len(layers_l), rows, cols), np.nan)
         # Index of each step / layer along the output's first two axes.
         si = np.zeros(max(steps_l) + 1, np.int64)
         si[steps_l] = np.arange(len(steps_l))
         li = np.zeros(max(layers_l) + 1, np.int64)
         li[layers_l] = np.arange(len(layers_l))
+        if self.groups:
+            cells = self._group_cells(int(image), spec)
+            flat = out.reshape(len(steps_l), len(layers_l), rows * cols)
+            for r in self._rows(steps_l, layers_l, [variant], [col, "group_index"]):
+                for g, s_, l_, v in zip(r["group_index"].tolist(), r["generation_step"].tolist(),
+                                        r["layer"].tolist(), r[col].tolist()):
+                    if g in cells:
+                        flat[si[s_], li[l_], cells[g]] = v
+            return out
+        if spec is not None:
+            raise InputError("spec selects groups; this sweep measured single tokens (no mask_groups)")
         for r in self._rows(steps_l, layers_l, [variant], [col, "image_index", "patch_row", "patch_col"]):
             m = r["image_index"] == int(image)
             out[si[r["generation_step"][m]], li[r["layer"][m]], r["patch_row"][m], r["patch_col"][m]] = r[col][m]
         return out
+
+    def _group_cells(self, image: int, spec: str | None) -> dict[int, np.ndarray]:
+        """Group index -> the flat grid cells of ``image`` its members cover, for the groups of ``spec``
+        within that image (the only spec there when ``spec`` is None)."""
+        im = self.images[image]
+        mine = [g for g in self.groups if g.get("image_index") == image]
+        specs = list(dict.fromkeys(str(g["spec"]) for g in mine))
+        if spec is None:
+            if len(specs) > 1:
+                raise InputError(f"image {image} has groups of several specs ({', '.join(specs)}): pass spec=")
+        elif spec not in specs:
+            have = ", ".join(specs) if specs else "none"
+            raise InputError(f"no groups of spec {spec!r} in image {image} (its specs: {have})")
+        start = int(im["token_start"])
+        return {int(g["index"]): np.asarray(g["positions"], np.int64) - start
+                for g in mine if spec is None or g["spec"] == spec}
+
+    def _per_token(self, what: str) -> None:
+        if self.groups:
+            raise InputError(f"{what} reads single-token rows; this is a group run (mask_groups): use "
+                             f"grid()/maps() for image groups, or to_pandas() and .groups")
 
     def text(self, step: int = 0, layer: int | None = None, variant: str = "Full", metric: str = "l2") -> Any:
         """The text tokens of ``step``'s sequence with their values at ``layer``: a pandas DataFrame with
         ``position``, ``token`` and the metric's column (NaN where not measured), in sequence order."""
         import pandas as pd
 
+        self._per_token("text()")
         step, layer, variant = self._step(step), self._layer(layer), self._variant(variant)
         col = self._metric(metric, [variant])
         n = self.seq_len(step)
@@ -484,6 +522,7 @@ class Sweep:
         row/col and the metric's column. ``kind``: ``"image"``, ``"text"`` or None for both."""
         import pandas as pd
 
+        self._per_token("top()")
         if not _is_int(k) or k < 1:
             raise InputError(f"k must be a positive integer (got {k!r})")
         if kind not in (None, "image", "text"):
@@ -575,7 +614,8 @@ class Sweep:
             matplotlib.colormaps[cmap]
         except KeyError:
             raise InputError(f"unknown colour map {cmap!r}") from None
-        cols = ["token_position", col, "image_index", "patch_row", "patch_col"]
+        grouped = "group_index" in self._src.schema.names
+        cols = ["token_position", col, "image_index", "patch_row", "patch_col"] + (["group_index"] if grouped else [])
         parts = list(self._rows(steps_l, layers_l, [variant], cols))
 
         def arr(name: str) -> np.ndarray:
@@ -583,7 +623,8 @@ class Sweep:
 
         data = render.SweepFile(self.path, self.metadata, arr("generation_step"), arr("layer"),
                                 arr("token_position"), arr(col), arr("image_index"), arr("patch_row"),
-                                arr("patch_col"))
+                                arr("patch_col"),
+                                arr("group_index") if grouped else np.full(len(arr("layer")), -1))
         backgrounds = []
         for i, im in enumerate(self.images):
             bg, why = render._load_background(im.get("path"), images[i] if i < len(images) else None)

@@ -14,8 +14,8 @@ from maskvl.naive import naive_sweep, relative_l2_error
 
 def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: str, mode: str, steps: int, tol: float,
                        row_tol: float, layers: list[int] | None = None, logits: bool = False, window: int = 1,
-                       target: int | None = None, backend: str = "reference", ref: list[Any] | None = None
-                       ) -> tuple[Any, list[Any], float]:
+                       target: int | None = None, backend: str = "reference",
+                       groups: Any = None, ref: list[Any] | None = None) -> tuple[Any, list[Any], float]:
     """Run the engine and the naive oracle on the same inputs and assert they agree.
 
     ``ref``: the oracle's steps (``naive_sweep``) for these same inputs, when already computed (one oracle
@@ -23,21 +23,27 @@ def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: st
 
     Every variant's values over the masked positions must match to ``tol`` relative L2 error, every
     L2 row to ``row_tol`` relative; with ``logits`` the Logits row's L2, cosine, KL and target
-    probability change too. Returns ``(prepared, engine steps, worst relative error)``.
+    probability change too. ``groups``: position sets removed together (then ``mode`` is unused), or a
+    callable from the prepared inputs to them. Returns ``(prepared, engine steps, worst relative error)``.
     """
     imgs = [load_image(str(p)) for p in image_paths]
     prep = adapter.prepare(prompt, imgs, [str(p) for p in image_paths])
+    if callable(groups):
+        groups = groups(prep)
     cfg = SweepConfig(mask_mode=mode, num_tokens=steps, layers=layers, logits=logits, knockout_window=window,
-                      target_token=target)
+                      target_token=target, groups=groups)
     fast = list(Engine(adapter, backend).run(prep, cfg))
     if ref is None:
-        ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window)
+        ref = naive_sweep(adapter, prep, mode, steps, layers, knockout_window=window, groups=groups)
     assert [f.generated_id for f in fast] == [r.generated_id for r in ref]
     assert len(fast) == len(ref) == steps
     worst = 0.0
     for f, r in zip(fast, ref):
         for lr in f.layers:
             np.testing.assert_array_equal(lr.positions, r.positions)
+            if groups is not None:
+                np.testing.assert_array_equal(lr.group_index, np.arange(len(groups)))
+                np.testing.assert_array_equal(r.group_index, np.arange(len(groups)))
             if logits:
                 # The Logits variant is the last row: L2, cosine, KL and target-probability change.
                 m = r.logits_measures(lr.layer, target)

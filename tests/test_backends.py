@@ -100,7 +100,7 @@ def test_triton_kernels_are_registered_for_cuda():
 
     load_kernels()
 
-    for name in ("loo_attention", "head_distances", "vector_distances", "decode_attention"):
+    for name in ("loo_attention", "loo_group_attention", "head_distances", "vector_distances", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"maskvl::{name}", "CUDA"), name
 
 
@@ -153,13 +153,19 @@ def _op_args():
         "vector_distances": (r(D), r(T, D)),
         "decode_attention": (r(B, H, D), r(T, KV, D), r(T, KV, D), r(B, KV, D), r(B, KV, D), 0.25,
                              torch.tensor([-1, 0, T])),
+        "decode_attention_sets": (r(B, H, D), r(T, KV, D), r(T, KV, D), r(B, KV, D), r(B, KV, D), 0.25,
+                                  torch.tensor([-1, 0, T]), torch.eye(2, T + 1, dtype=torch.bool),
+                                  torch.tensor([1, -1, 0])),
+        "loo_group_attention": (r(H, D), r(T, KV, D), r(T, KV, D), 0.25, torch.tensor([0, 4, 2, 5]),
+                                torch.tensor([0, 1, 4])),
     }
 
 
-@pytest.mark.parametrize("name", ["loo_attention", "head_distances", "vector_distances", "decode_attention"])
+@pytest.mark.parametrize("name", ["loo_attention", "loo_group_attention", "head_distances", "vector_distances",
+                                  "decode_attention", "decode_attention_sets"])
 def test_ops_trace_with_fake_tensors(name):
     """register_fake: the schema and fake kernel agree with the CPU kernel (torch.library.opcheck)."""
     if _ext.load_error() is not None:
         pytest.skip(_ext.load_error())
-    op = getattr(torch.ops.maskvl, name)
+    op = getattr(torch.ops.maskvl, name.removesuffix("_sets"))
     torch.library.opcheck(op, _op_args()[name], test_utils=("test_schema", "test_faketensor"))

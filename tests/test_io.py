@@ -15,7 +15,7 @@ from maskvl.engine import SweepConfig
 
 COLUMNS = ["generation_step", "layer", "token_masked", "token_position", "variant", "l2_distance",
            "cosine_distance", "token_kind", "image_index", "patch_row", "patch_col", "kl_divergence",
-           "target_prob_delta"]
+           "target_prob_delta", "group_index"]
 
 
 def test_file_format(adapter32, images, tmp_path):
@@ -52,6 +52,7 @@ def test_file_format(adapter32, images, tmp_path):
     assert (first.patch_row, first.patch_col) == (1, 1)
     assert t[t.token_kind == "text"].patch_row.isna().all()
     assert t.kl_divergence.isna().all()
+    assert t.group_index.isna().all() and md["mask_groups"] is None and md["groups"] is None  # per-token run
     # token text is the token decoded alone
     assert t[t.token_position == 0].token_masked.iloc[0] == "<|im_start|>"
 

@@ -29,17 +29,24 @@ def _calls(dtype: torch.dtype) -> dict:
     T, H, KV, D, B = 20, 4, 2, 16, 3
     return {
         "loo_attention": lambda K: K.loo_attention.loo_attention(r(H, D), r(T, KV, D), r(T, KV, D), 0.25),
+        # Groups {0, 1} and every key (the latter recomputed directly: a sixth launch).
+        "loo_group_attention": lambda K: K.loo_group_attention.loo_group_attention(
+            r(H, D), r(T, KV, D), r(T, KV, D), 0.25, torch.tensor([0, 1] + list(range(T))), torch.tensor([0, 2, T + 2])),
         "head_distances": lambda K: K.head_distances.head_distances(r(H, D), r(T, H, D), r(H, D, D)),
         "vector_distances": lambda K: K.vector_distances.vector_distances(r(D), r(T, D)),
         "decode_attention": lambda K: K.decode_attention.decode_attention(
             r(B, H, D), r(T, KV, D), r(T, KV, D), r(B, KV, D), r(B, KV, D), 0.25, torch.tensor([-1, 0, T])),
+        "decode_attention_sets": lambda K: K.decode_attention.decode_attention(
+            r(B, H, D), r(T, KV, D), r(T, KV, D), r(B, KV, D), r(B, KV, D), 0.25, torch.tensor([-1, 0, T]),
+            torch.eye(2, T + 1, dtype=torch.bool), torch.tensor([1, -1, 0])),
     }
 
 
 def test_every_launch_runs_under_the_device_guard(K, monkeypatch):
     """Triton launches on the *current* CUDA device, so each kernel must start inside
     ``device_guard(<its tensors' device>)``: counted at the interpreter's grid executor, every launch of
-    every launcher (five for loo_attention, one each for the others) is inside the guard."""
+    every launcher (five for loo_attention, six for loo_group_attention with a group to recompute
+    directly, one each for the others) is inside the guard."""
     from triton.runtime.interpreter import GridExecutor
 
     active: list[torch.device] = []
@@ -64,7 +71,7 @@ def test_every_launch_runs_under_the_device_guard(K, monkeypatch):
     for name, call in _calls(torch.float32).items():
         launches.clear()
         call(K)
-        expected = 5 if name == "loo_attention" else 1
+        expected = {"loo_attention": 5, "loo_group_attention": 6}.get(name, 1)
         assert len(launches) == expected, (name, launches)
         assert all(devs == [torch.device("cpu")] for _, devs in launches), (name, launches)
 
@@ -80,7 +87,8 @@ def test_compute_dtype_matches_maskvl(K):
         assert K._launch.compute_dtype(dt) == compute_dtype(dt), dt
 
 
-@pytest.mark.parametrize("op", ["loo_attention", "head_distances", "vector_distances", "decode_attention"])
+@pytest.mark.parametrize("op", ["loo_attention", "loo_group_attention", "head_distances", "vector_distances",
+                                "decode_attention", "decode_attention_sets"])
 def test_float64_refused_on_a_triton_that_cannot_compile_it(K, monkeypatch, op):
     """Compiled float64 tl.dot needs Triton >= 3.5: on an older one every launcher raises before any
     launch and the backend turns it into a one-line user error; float32 is not affected."""
@@ -96,9 +104,12 @@ def test_float64_refused_on_a_triton_that_cannot_compile_it(K, monkeypatch, op):
             "vector_distances": (torch.zeros(4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)),
             "decode_attention": (torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(3, 1, 4, dtype=torch.float64),
                                  torch.zeros(3, 1, 4, dtype=torch.float64), torch.zeros(1, 1, 4, dtype=torch.float64),
-                                 torch.zeros(1, 1, 4, dtype=torch.float64), 0.5, torch.tensor([-1]))}[op]
+                                 torch.zeros(1, 1, 4, dtype=torch.float64), 0.5, torch.tensor([-1]))}
+    args["loo_group_attention"] = args["loo_attention"] + (torch.tensor([1]), torch.tensor([0, 1]))
+    args["decode_attention_sets"] = args["decode_attention"] + (torch.zeros(1, 4, dtype=torch.bool),
+                                                                torch.tensor([0]))
     with pytest.raises(MaskvlError, match="upgrade triton or use the reference backend") as exc:
-        getattr(backend, op)(*args)
+        getattr(backend, op.removesuffix("_sets"))(*args[op])
     assert "\n" not in str(exc.value)
     assert K._launch.float64_problem(torch.float32) is None
     monkeypatch.setattr(K._launch, "TRITON_VERSION", (3, 5))

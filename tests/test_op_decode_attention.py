@@ -81,3 +81,88 @@ def test_decode_attention_strided_cache(backend_name, dtype):
                                    ex.to(dev))
     ref = decode_attention_reference(q, kp, vp, ko, vo, D ** -0.5, ex)
     assert_rows_close(out.cpu(), ref, rtol(compute_dtype(dtype), dev), "out")
+
+
+def _sets(N, T, seed):
+    """Key sets [N, T + 1]: empty, the own row only, a prefix block with the own row, a random half, and
+    every prefix key (then only the own row is left)."""
+    g = torch.Generator().manual_seed(seed)
+    sets = torch.zeros(N, T + 1, dtype=torch.bool)
+    for n in range(N):
+        kind = n % 5
+        if kind == 1:
+            sets[n, T] = True
+        elif kind == 2:
+            sets[n, T // 3:(2 * T) // 3 + 1] = True
+            sets[n, T] = True
+        elif kind == 3:
+            sets[n, :T] = torch.rand(T, generator=g) < 0.5
+        elif kind == 4:
+            sets[n, :T] = True
+    return sets
+
+
+# The Triton interpreter gets the odd head_dim at every T, and bf16.
+SET_CASES = ([pytest.param("cpp", *c, id="cpp-" + case_id(*c)) for c in CASES]
+             + [pytest.param("triton", *c, id="triton-" + case_id(*c), marks=pytest.mark.cuda) for c in CASES
+                if c[1] == 48 or c[4] == torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend_name,T,D,H,KV,dtype", SET_CASES)
+def test_decode_attention_with_key_sets_matches_reference(backend_name, T, D, H, KV, dtype):
+    """Rows that also leave out a key set (group knockout), mixed with rows that name none and with
+    single excluded keys; each checked against the reference (explicit -inf masking)."""
+    backend, dev = compiled_backend(backend_name)
+    B = 11 if T < 1025 else 6
+    q, kp, vp, ko, vo = _inputs(B, T, D, H, KV, dtype, seed=T + D + H + 1)
+    sets = _sets(5, T, seed=T)
+    which = torch.tensor([(b * 2) % 6 - 1 for b in range(B)])  # -1 (none), then sets 1, 3, 0, 2, 4, ...
+    ex = torch.tensor([-1 if b % 3 else (b * 7) % (T + 1) for b in range(B)])
+    scale = D ** -0.5
+    out = backend.decode_attention(*(x.to(dev) for x in (q, kp, vp, ko, vo)), scale, ex.to(dev), sets.to(dev),
+                                   which.to(dev))
+    ref = decode_attention_reference(q, kp, vp, ko, vo, scale, ex, sets, which)
+    assert_rows_close(out.cpu(), ref, rtol(compute_dtype(dtype), dev), "out")
+    # Rows that name no set equal the single-key path exactly (the same arithmetic).
+    plain = backend.decode_attention(*(x.to(dev) for x in (q, kp, vp, ko, vo)), scale, ex.to(dev)).cpu()
+    none = which < 0
+    assert torch.equal(out.cpu()[none], plain[none])
+
+
+def test_decode_attention_reference_key_sets_are_explicit_masking():
+    """The reference's set semantics, spelled out per row: a softmax over the T + 1 keys with the set's
+    keys and the excluded key at -inf."""
+    B, T, H, KV, D = 7, 23, 4, 2, 16
+    q, kp, vp, ko, vo = _inputs(B, T, D, H, KV, torch.float64, seed=1)
+    sets = _sets(5, T, seed=2)
+    which = torch.tensor([-1, 0, 1, 2, 3, 4, 2])
+    ex = torch.tensor([4, -1, 5, T, 0, -1, -1])
+    out = decode_attention_reference(q, kp, vp, ko, vo, 0.3, ex, sets, which)
+    heads = torch.arange(H) // (H // KV)
+    for b in range(B):
+        keys = torch.cat([kp, ko[b:b + 1]])[:, heads]  # [T + 1, H, D]
+        vals = torch.cat([vp, vo[b:b + 1]])[:, heads]
+        s = torch.einsum("hd,thd->ht", q[b], keys) * 0.3
+        drop = torch.zeros(T + 1, dtype=torch.bool)
+        if ex[b] >= 0:
+            drop[ex[b]] = True
+        if which[b] >= 0:
+            drop |= sets[which[b]]
+        s[:, drop] = float("-inf")
+        want = torch.einsum("ht,thd->hd", torch.softmax(s, -1), vals)
+        torch.testing.assert_close(out[b], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_decode_attention_rejects_bad_key_sets(backend_name):
+    backend, dev = compiled_backend(backend_name)
+    B, T, H, KV, D = 3, 5, 2, 1, 16
+    args = [x.to(dev) for x in _inputs(B, T, D, H, KV, torch.float32, seed=0)]
+    ex = torch.full((B,), -1, device=dev)
+    sets = torch.zeros(2, T + 1, dtype=torch.bool, device=dev)
+    with pytest.raises((RuntimeError, ValueError), match="go together"):
+        backend.decode_attention(*args, 0.25, ex, sets, None)
+    with pytest.raises((RuntimeError, ValueError), match="names set 2"):
+        backend.decode_attention(*args, 0.25, ex, sets, torch.tensor([0, 2, -1], device=dev))
+    with pytest.raises((RuntimeError, ValueError), match=r"bool \[N, 6\]"):
+        backend.decode_attention(*args, 0.25, ex, sets[:, :T], torch.tensor([0, 1, -1], device=dev))

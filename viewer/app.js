@@ -291,7 +291,8 @@
       const v = app.views[which];
       return {
         image: plain(v.imageVals), text: plain(v.textVals), textPositions: app.layout.textPositions.slice(),
-        images: app.layout.images.map((im) => ({ rows: im.rows, cols: im.cols, start: im.start, count: im.count, cellBase: im.cellBase })),
+        images: app.layout.images.map((im) => ({ rows: im.rows, cols: im.cols, start: im.start, count: im.count, cellBase: im.cellBase,
+          index: im.index, spec: im.spec === undefined ? null : im.spec })),
       };
     },
     imagesLoaded: () => app.imagesLoaded.map((x) => !!x),

@@ -55,8 +55,15 @@
     }
     const progress = ser.remaining ? ` · reading the file (${ds.S * ds.L - ser.remaining} of ${ds.S * ds.L} step×layer pairs so far)` : '';
     const pr = app.ds.prompts[app.state.prompt];
-    const where = app.layout.posImg[q] >= 0 ? (() => { const im = app.layout.images[app.layout.posImg[q]]; const k = q - im.start; return ` · image ${im.index} row ${Math.floor(k / im.cols)} col ${k % im.cols}`; })() : '';
-    $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at position ${q}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)${progress}`;
+    let where = '';
+    if (app.layout.grouped) {
+      where = app.layout.posImg[q] >= 0 ? ` · image ${app.layout.images[app.layout.posImg[q]].index}` : '';
+    } else if (app.layout.posImg[q] >= 0) {
+      const im = app.layout.images[app.layout.posImg[q]], k = q - im.start;
+      where = ` · image ${im.index} row ${Math.floor(k / im.cols)} col ${k % im.cols}`;
+    }
+    const what = app.layout.grouped ? `group ${q}` : `position ${q}`;
+    $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at ${what}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)${progress}`;
     const cv = $('pin-chart');
     const ctx = cv.getContext('2d');
     const W = cv.width, H = cv.height, m = { l: 56, r: 10, t: 10, b: 26 };

@@ -184,9 +184,10 @@
       if (i === null || i === undefined) {
         const ims = app.layout ? app.layout.images : [];
         const base = (name || '').split(/[\\/]/).pop();
-        const byName = ims.findIndex((im) => im.path && im.path.split(/[\\/]/).pop() === base);
-        i = byName >= 0 ? byName : ims.findIndex((im) => !app.imagesLoaded[im.index]);
-        if (i < 0) i = 0;
+        // slots are images (a group run may draw one image in several grids)
+        const byName = ims.find((im) => im.path && im.path.split(/[\\/]/).pop() === base);
+        const free = ims.find((im) => !app.imagesLoaded[im.index]);
+        i = byName ? byName.index : free ? free.index : 0;
       }
       app.imagesLoaded[i] = img;
       if (app.ds) mv.app.render();

@@ -18,6 +18,12 @@
  *    from the maskvl metadata.
  * Both are used through one interface: hasMetric, isReady, ensure, segments,
  * pinSeries.
+ *
+ * Group runs (a `groups` list in the metadata and a group_index column; see
+ * docs/FORMAT.md): each row is a set of positions removed together, so the
+ * "positions" of such a file are its group indices (read from group_index,
+ * the texts are the group labels), and the layout maps a group to all of its
+ * cells. They are small (one row per group) and always read whole.
  */
 (function (mv) {
   'use strict';
@@ -136,7 +142,9 @@
     }
     const colNames = new Set(md.schema.slice(1).map((s) => s.name));
     const metaTokens = meta && Array.isArray(meta.tokens) && meta.tokens.length ? meta.tokens : null;
-    const required = ['generation_step', 'layer', 'token_position', 'variant', 'l2_distance', 'cosine_distance'];
+    const grouped = !!(meta && Array.isArray(meta.groups) && meta.groups.length && colNames.has('group_index'));
+    const required = ['generation_step', 'layer', grouped ? 'group_index' : 'token_position', 'variant', 'l2_distance',
+      'cosine_distance'];
     if (!metaTokens) required.push('token_masked');
     const missing = required.filter((c) => !colNames.has(c));
     if (missing.length) {
@@ -144,7 +152,18 @@
     }
     if (n === 0) throw new UserError('The file holds no rows.');
     if (n >= 2 ** 31) throw new UserError('The file holds too many rows for this viewer.');
-    return { md, meta, n, colNames, metaTokens };
+    if (grouped) checkGroups(meta);
+    return { md, meta, n, colNames, metaTokens, grouped };
+  }
+
+  /** The metadata's group list, checked enough for the layout to trust it. */
+  function checkGroups(meta) {
+    const nImages = Array.isArray(meta.images) ? meta.images.length : 0;
+    meta.groups.forEach((g, i) => {
+      const ok = g && typeof g === 'object' && Array.isArray(g.positions) && g.positions.every(Number.isInteger)
+        && (g.image_index === null || (Number.isInteger(g.image_index) && g.image_index >= 0 && g.image_index < nImages));
+      if (!ok) throw new UserError(`Group ${i} in the metadata is malformed (it needs positions and an image_index).`);
+    });
   }
 
   /** Token texts by position 0..maxPos from the metadata's token list (null where absent). */
@@ -181,7 +200,8 @@
       }
       footer = checkFooter(md);
     }
-    const { md, meta, n, colNames, metaTokens } = footer;
+    const { md, meta, n, colNames, metaTokens, grouped } = footer;
+    const posColumn = grouped ? 'group_index' : 'token_position';
     let tRead = performance.now();
     let step, layer, variant, prompt, tok;
     const pos = new Int32Array(n);
@@ -191,7 +211,7 @@
       layer = readCategorical(buf, md, 'layer', n);
       variant = readCategorical(buf, md, 'variant', n);
       prompt = colNames.has('prompt_name') ? readCategorical(buf, md, 'prompt_name', n) : null;
-      readNumeric(buf, md, 'token_position', pos, -1);
+      readNumeric(buf, md, posColumn, pos, -1);
       readNumeric(buf, md, 'l2_distance', l2, NaN);
       tok = metaTokens ? null : readCategorical(buf, md, 'token_masked', n);
     } catch (e) {
@@ -232,9 +252,10 @@
       counts[k + 1]++;
       const q = pos[r];
       if (q > maxPos) maxPos = q;
-      if (q < 0) throw new UserError(`Row ${r} has no token_position.`);
+      if (q < 0) throw new UserError(`Row ${r} has no ${posColumn}.`);
     }
-    if (maxPos > 5e6) throw new UserError(`token_position ${maxPos} is implausibly large.`);
+    if (maxPos > 5e6) throw new UserError(`${posColumn} ${maxPos} is implausibly large.`);
+    if (grouped && maxPos >= meta.groups.length) throw new UserError(`Row group_index ${maxPos} is not in the metadata's ${meta.groups.length} groups.`);
     for (let k = 0; k < K; k++) counts[k + 1] += counts[k];
     const offsets = counts; // offsets[k]..offsets[k+1]
     const fill = offsets.slice(0, K);
@@ -257,6 +278,8 @@
         for (let q = 0; q <= maxPos; q++) texts[q] = ids[q] >= 0 ? String(tok.values[ids[q]]) : null;
         prompts[p].texts = texts;
       }
+    } else if (grouped) {
+      prompts[0].texts = Array.from({ length: maxPos + 1 }, (_, g) => String(meta.groups[g].label || `group ${g}`));
     } else {
       prompts[0].texts = metaTexts(metaTokens, maxPos);
     }
@@ -291,7 +314,7 @@
     const pending = {};
     for (const c of ['cosine_distance'].concat(optional)) pending[c] = { out: new Float32Array(n), next: 0 };
     return {
-      mode: 'whole', fileName, buf, md, meta, n, pos, perm, offsets,
+      mode: 'whole', fileName, buf, md, meta, n, pos, perm, offsets, grouped,
       steps: stepS.values, layers: layerS.values, variants: varS.values, prompts,
       S, L, V, P,
       columns: { l2_distance: l2 },
@@ -419,7 +442,7 @@
   async function openDataset(src, fileName, opts) {
     const t0 = performance.now();
     const footer = await readFooter(src);
-    const lazy = footer.n >= opts.lazyMinRows ? lazyPlan(footer) : null;
+    const lazy = footer.n >= opts.lazyMinRows && !footer.grouped ? lazyPlan(footer) : null;
     if (lazy) return makeLazy(src, fileName, footer, lazy, opts, performance.now() - t0);
     const buf = await src.whole();
     return buildDataset(buf, fileName, footer);
@@ -913,8 +936,11 @@
   /**
    * Where each position of a prompt goes: image cell or text chip.
    * Uses metadata images when present, else detects image tokens by name.
+   * Each entry of `images` is one grid drawn (`entry` its index); `index` is
+   * the image it shows.
    */
   function buildLayout(ds, p, override) {
+    if (ds.grouped) return buildGroupLayout(ds, override);
     const pr = ds.prompts[p];
     const nPos = pr.maxPos + 1;
     const posImg = new Int16Array(nPos).fill(-1);
@@ -969,11 +995,71 @@
       }
       cellBase += im.rows * im.cols;
     });
+    images.forEach((im, i) => { im.entry = i; });
     const textPositions = [];
     for (let q = 0; q < nPos; q++) {
       if (posImg[q] < 0 && pr.texts[q] !== null) { posCell[q] = textPositions.length; textPositions.push(q); }
     }
     return { p, images, posImg, posCell, textPositions, totalCells: cellBase, msg };
+  }
+
+  /**
+   * The layout of a group run: the "positions" are groups. A group within one
+   * image covers all of its members' cells; groups of different specs may
+   * overlap (images and blocks:4x4), so each (image, spec) gets its own grid
+   * (entry), and a group outside any single image is a chip labelled with it.
+   * posCells[g] lists a group's cells; posCell[g] is its first cell (or chip).
+   */
+  function buildGroupLayout(ds, override) {
+    const meta = ds.meta, pr = ds.prompts[0];
+    const nG = pr.maxPos + 1;
+    const posImg = new Int16Array(nG).fill(-1);
+    const posCell = new Int32Array(nG).fill(-1);
+    const posCells = new Array(nG).fill(null);
+    const images = [];
+    const entryOf = new Map();
+    let cellBase = 0;
+    for (let g = 0; g < nG; g++) {
+      const grp = meta.groups[g];
+      if (grp.image_index === null) continue;
+      const im = meta.images[grp.image_index];
+      const rows = im.grid_rows, cols = im.grid_cols, start = im.token_start, end = im.token_end;
+      if (![rows, cols, start, end].every(Number.isInteger) || rows <= 0 || cols <= 0 || end - start !== rows * cols) {
+        throw new UserError(`Image ${grp.image_index} in the metadata is inconsistent (grid ${rows}×${cols}, tokens ${start}..${end}).`);
+      }
+      const key = grp.image_index + '|' + grp.spec;
+      let e = entryOf.get(key);
+      if (e === undefined) {
+        e = images.length;
+        entryOf.set(key, e);
+        images.push({
+          entry: e, index: grp.image_index, spec: String(grp.spec), rows, cols, start, count: rows * cols, cellBase,
+          cellGroup: new Int32Array(rows * cols).fill(-1), groups: [], positions: null,
+          path: typeof im.path === 'string' ? im.path : null,
+          resized: Array.isArray(im.resized_size) ? im.resized_size : null,
+          original: Array.isArray(im.original_size) ? im.original_size : null,
+        });
+        cellBase += rows * cols;
+      }
+      const entry = images[e];
+      const cells = [];
+      for (const q of grp.positions) {
+        const k = q - start;
+        if (k < 0 || k >= rows * cols) throw new UserError(`Group ${g} lists position ${q}, outside image ${grp.image_index}.`);
+        entry.cellGroup[k] = g;
+        cells.push(entry.cellBase + k);
+      }
+      entry.groups.push(g);
+      posImg[g] = e;
+      posCells[g] = Int32Array.from(cells);
+      posCell[g] = cells.length ? cells[0] : -1;
+    }
+    const textPositions = [];
+    for (let g = 0; g < nG; g++) {
+      if (posImg[g] < 0) { posCell[g] = textPositions.length; textPositions.push(g); }
+    }
+    const msg = override ? 'This file\'s metadata gives the image grids; the override is ignored.' : '';
+    return { p: 0, grouped: true, images, posImg, posCell, posCells, textPositions, totalCells: cellBase, msg };
   }
 
   mv.data = {

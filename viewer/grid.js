@@ -4,6 +4,8 @@
  * all-heads panel and the PNG export. A render touches only the rows of the
  * current key (~1-2k for usual files): image grids are drawn one pixel per
  * cell and scaled up; chips are reused and only changed where they differ.
+ * In a group run (layout.grouped) a group's value fills all of its cells, each
+ * group is outlined, and groups outside a single image are chips.
  */
 (function (mv) {
   'use strict';
@@ -31,15 +33,16 @@
     app.layout.images.forEach((im, i) => {
       const [cw, ch] = cellSize(im, app.layout.images.length, app.state.compare !== 'off');
       const dpr = window.devicePixelRatio || 1;
-      const canvas = el('canvas', { 'data-image': String(i) });
+      const canvas = el('canvas', { 'data-image': String(im.index) });
       canvas.width = Math.round(im.cols * cw * dpr);
       canvas.height = Math.round(im.rows * ch * dpr);
       canvas.style.width = im.cols * cw + 'px';
       canvas.style.height = im.rows * ch + 'px';
       const small = document.createElement('canvas');
       small.width = im.cols; small.height = im.rows;
-      const caption = el('div', { className: 'caption', text: `Image ${i} · ${im.rows}×${im.cols} grid (${im.count} tokens)` + (im.path ? ' · ' + im.path.split(/[\\/]/).pop() : '') });
-      const block = el('div', { className: 'image-block', 'data-image': String(i) }, caption, canvas);
+      const what = im.spec !== undefined ? `groups ${im.spec} (${im.groups.length})` : `grid (${im.count} tokens)`;
+      const caption = el('div', { className: 'caption', text: `Image ${im.index} · ${im.rows}×${im.cols} ${what}` + (im.path ? ' · ' + im.path.split(/[\\/]/).pop() : '') });
+      const block = el('div', { className: 'image-block', 'data-image': String(im.index) }, caption, canvas);
       imgWrap.append(block);
       const b = { im, canvas, small, smallCtx: small.getContext('2d'), ctx: canvas.getContext('2d'), cw, ch, img: small.getContext('2d').createImageData(im.cols, im.rows) };
       v.blocks.push(b);
@@ -51,18 +54,20 @@
       block.addEventListener('drop', (e) => {
         e.preventDefault(); e.stopPropagation(); block.classList.remove('drop-target');
         const f = [...(e.dataTransfer.files || [])].find((x) => x.type.startsWith('image/'));
-        if (f) mv.controls.loadImageFile(f, i);
+        if (f) mv.controls.loadImageFile(f, im.index);
         else if (e.dataTransfer.files.length) mv.controls.handleFiles(e.dataTransfer.files);
       });
     });
     v.imageStats = el('div', { className: 'stats' });
-    if (app.layout.images.length) container.append(el('div', { className: 'view-section-title', text: 'Image tokens' }), imgWrap, v.imageStats);
+    const grouped = !!app.layout.grouped;
+    if (app.layout.images.length) container.append(el('div', { className: 'view-section-title', text: grouped ? 'Groups in images' : 'Image tokens' }), imgWrap, v.imageStats);
     v.textStats = el('div', { className: 'stats' });
     const chipWrap = el('div', { className: 'chips' });
     const pr = app.ds.prompts[app.layout.p];
     app.layout.textPositions.forEach((q, i) => {
       const t = pr.texts[q];
-      const chip = el('span', { className: 'chip', 'data-pos': String(q) }, el('span', { className: 't', text: visibleText(t) }), el('span', { className: 'v', text: '' }));
+      // (a group's label is a name, not a token: shown as it is)
+      const chip = el('span', { className: 'chip', 'data-pos': String(q) }, el('span', { className: 't', text: grouped ? t : visibleText(t) }), el('span', { className: 'v', text: '' }));
       if (/^<\|.*\|>$|^<\/?s>$|^<.*>$/.test(t)) chip.classList.add('special');
       chipWrap.append(chip);
       v.chips.push({ node: chip, val: chip.lastChild, q, shown: true, bg: -1, nodata: false, pin: false });
@@ -71,7 +76,8 @@
     chipWrap.addEventListener('mousemove', (e) => { const c = e.target.closest('.chip'); if (c) moveTip(e); });
     chipWrap.addEventListener('mouseleave', hideTip);
     chipWrap.addEventListener('click', (e) => { const c = e.target.closest('.chip'); if (c) mv.chart.togglePin(Number(c.dataset.pos)); });
-    container.append(el('div', { className: 'view-section-title', text: 'Text tokens' }), chipWrap, v.textStats);
+    const chipTitle = grouped ? 'Groups of text positions (or of several images)' : 'Text tokens';
+    if (!grouped || app.layout.textPositions.length) container.append(el('div', { className: 'view-section-title', text: chipTitle }), chipWrap, v.textStats);
     v.imageVals = new Float32Array(app.layout.totalCells);
     v.textVals = new Float32Array(app.layout.textPositions.length);
     return v;
@@ -87,7 +93,7 @@
   function gather(v, s, l, vi, metric) {
     v.imageVals.fill(NaN);
     v.textVals.fill(NaN);
-    const posImg = app.layout.posImg, posCell = app.layout.posCell, nPos = posImg.length;
+    const posImg = app.layout.posImg, posCell = app.layout.posCell, posCells = app.layout.posCells, nPos = posImg.length;
     let rows = 0;
     for (const { pos, col, perm, lo, hi } of mv.data.segments(app.ds, app.state.prompt, s, l, vi, metric)) {
       for (let j = lo; j < hi; j++) {
@@ -96,8 +102,9 @@
         if (q >= nPos) continue;
         const c = posCell[q];
         if (c < 0) continue;
-        if (posImg[q] >= 0) v.imageVals[c] = col[r];
-        else v.textVals[c] = col[r];
+        if (posImg[q] < 0) v.textVals[c] = col[r];
+        else if (posCells) { const x = col[r]; for (const cc of posCells[q]) v.imageVals[cc] = x; }
+        else v.imageVals[c] = col[r];
       }
       rows += hi - lo;
     }
@@ -210,7 +217,8 @@
     }
     ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
     ctx.globalAlpha = 1;
-    if (app.state.pinned >= 0 && app.layout.posImg[app.state.pinned] === im.index) {
+    if (app.layout.grouped) { drawGroupOutlines(b); return; }
+    if (app.state.pinned >= 0 && app.layout.posImg[app.state.pinned] === im.entry) {
       const k = app.layout.posCell[app.state.pinned] - im.cellBase;
       const sx = canvas.width / im.cols, sy = canvas.height / im.rows;
       ctx.lineWidth = Math.max(2, sx / 8);
@@ -219,6 +227,35 @@
       ctx.strokeStyle = '#fff';
       ctx.lineWidth = 1;
       ctx.strokeRect((k % im.cols) * sx + 2.5, Math.floor(k / im.cols) * sy + 2.5, sx - 5, sy - 5);
+    }
+  }
+
+  /** The bounding rectangle (in cells) of a group's cells in an entry: [r0, c0, r1, c1] (exclusive ends). */
+  function groupRect(im, g) {
+    let r0 = Infinity, c0 = Infinity, r1 = -1, c1 = -1;
+    for (const cell of app.layout.posCells[g]) {
+      const k = cell - im.cellBase, r = Math.floor(k / im.cols), c = k % im.cols;
+      r0 = Math.min(r0, r); c0 = Math.min(c0, c); r1 = Math.max(r1, r + 1); c1 = Math.max(c1, c + 1);
+    }
+    return [r0, c0, r1, c1];
+  }
+
+  /** A thin outline around each group of a group-run grid (so equal neighbours stay apart), the pinned one bold. */
+  function drawGroupOutlines(b) {
+    const { im, ctx, canvas } = b;
+    const sx = canvas.width / im.cols, sy = canvas.height / im.rows;
+    ctx.lineWidth = 1;
+    ctx.strokeStyle = 'rgba(255,255,255,0.8)';
+    for (const g of im.groups) {
+      const [r0, c0, r1, c1] = groupRect(im, g);
+      ctx.strokeRect(c0 * sx + 0.5, r0 * sy + 0.5, (c1 - c0) * sx - 1, (r1 - r0) * sy - 1);
+    }
+    const q = app.state.pinned;
+    if (q >= 0 && app.layout.posImg[q] === im.entry) {
+      const [r0, c0, r1, c1] = groupRect(im, q);
+      ctx.lineWidth = Math.max(2, sx / 8);
+      ctx.strokeStyle = '#000';
+      ctx.strokeRect(c0 * sx + 1, r0 * sy + 1, (c1 - c0) * sx - 2, (r1 - r0) * sy - 2);
     }
   }
 
@@ -249,7 +286,8 @@
   }
 
   function excludedCells() {
-    if (!app.state.excludeFirst || !app.layout.images.length) return null;
+    // (a group run has no single first token to leave out)
+    if (!app.state.excludeFirst || !app.layout.images.length || app.layout.grouped) return null;
     return new Set(app.layout.images.map((im) => im.cellBase));
   }
 
@@ -275,15 +313,17 @@
       if (arg >= 0) {
         const im = app.layout.images.find((m) => arg >= m.cellBase && arg < m.cellBase + m.rows * m.cols);
         const k = arg - im.cellBase;
-        where = ` at image ${im.index} r${Math.floor(k / im.cols)} c${k % im.cols}`;
+        where = im.cellGroup ? ` at ${JSON.stringify(app.ds.prompts[0].texts[im.cellGroup[k]])} (group ${im.cellGroup[k]})`
+          : ` at image ${im.index} r${Math.floor(k / im.cols)} c${k % im.cols}`;
       }
       return `image: max ${fmt(best === -Infinity ? NaN : best)}${where} · mean ${fmt(sc.mean)} · count ${sc.count} · grid ${grids}` +
-        (app.state.excludeFirst ? ' · scale excludes first image token' : '') +
+        (excludedCells() ? ' · scale excludes first image token' : '') +
         (sc.lo ? ` · scale ${fmt(sc.lo)} to ${fmt(sc.max)}` : ` · scale max ${fmt(sc.max)}`);
     }
     let arg = -1, best = -Infinity;
     for (let i = 0; i < v.textVals.length; i++) { const x = v.textVals[i]; if (x > best) { best = x; arg = i; } }
-    const top = arg >= 0 ? ` at ${JSON.stringify(app.ds.prompts[app.state.prompt].texts[app.layout.textPositions[arg]])} (pos ${app.layout.textPositions[arg]})` : '';
+    const unit = app.layout.grouped ? 'group' : 'pos';
+    const top = arg >= 0 ? ` at ${JSON.stringify(app.ds.prompts[app.state.prompt].texts[app.layout.textPositions[arg]])} (${unit} ${app.layout.textPositions[arg]})` : '';
     return `text: max ${fmt(best === -Infinity ? NaN : best)}${top} · mean ${fmt(sc.mean)} · count ${sc.count}`;
   }
 
@@ -323,7 +363,7 @@
     if (c < 0 || r < 0 || c >= b.im.cols || r >= b.im.rows) return -1;
     const k = r * b.im.cols + c;
     if (k >= b.im.count) return -1;
-    return b.im.start + k;
+    return b.im.cellGroup ? b.im.cellGroup[k] : b.im.start + k;
   }
 
   function showTip(e, text) {
@@ -342,6 +382,11 @@
   function hoverCell(e, v, b) {
     const q = cellAt(e, b);
     if (q < 0) { hideTip(); return; }
+    if (b.im.cellGroup) {
+      const x = v.imageVals[app.layout.posCell[q]];
+      showTip(e, `${app.ds.prompts[0].texts[q]}  group ${q} (${b.im.spec})\nimage ${b.im.index} · ${app.layout.posCells[q].length} tokens\n${currentMetricInfo().label}: ${fmt(x)}`);
+      return;
+    }
     const k = q - b.im.start;
     const x = v.imageVals[b.im.cellBase + k];
     showTip(e, `${visibleText(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\nimage ${b.im.index} · row ${Math.floor(k / b.im.cols)} col ${k % b.im.cols}\n${currentMetricInfo().label}: ${fmt(x)}`);
@@ -349,7 +394,7 @@
 
   function hoverChip(e, v, q) {
     const i = app.layout.posCell[q];
-    showTip(e, `${JSON.stringify(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\n${currentMetricInfo().label}: ${fmt(v.textVals[i])}`);
+    showTip(e, `${JSON.stringify(app.ds.prompts[app.state.prompt].texts[q])}  ${app.layout.grouped ? 'group' : 'pos'} ${q}\n${currentMetricInfo().label}: ${fmt(v.textVals[i])}`);
   }
 
   // --------------------------------------------------------- heads panel

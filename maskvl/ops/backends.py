@@ -7,7 +7,7 @@
                tensors when the kernels were imported with ``TRITON_INTERPRET=1`` (the interpreter;
                used by CI).
 
-The engine only ever calls a :class:`Backend`'s four methods; what each backend does for an op lives
+The engine only ever calls a :class:`Backend`'s five methods; what each backend does for an op lives
 in that op's file (``run_cpp``, ``run_triton``).
 """
 
@@ -25,12 +25,13 @@ import torch
 from ..errors import InputError
 
 from ..errors import MaskvlError
-from . import decode_attention, head_distances, loo_attention, vector_distances
+from . import decode_attention, head_distances, loo_attention, loo_group_attention, vector_distances
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
 # The op modules, each with OP (the qualified name), run_cpp, run_triton and cuda_kernel.
-OP_MODULES: tuple[ModuleType, ...] = (loo_attention, head_distances, vector_distances, decode_attention)
+OP_MODULES: tuple[ModuleType, ...] = (loo_attention, loo_group_attention, head_distances, vector_distances,
+                                      decode_attention)
 
 
 class Backend:
@@ -42,6 +43,12 @@ class Backend:
         """``q [H, D]``, ``k, v [T, KV, D]`` -> ``(o [H, D], delta [T, H, D])``; see ``loo_attention.py``."""
         return loo_attention.loo_attention_reference(q, k, v, scale)
 
+    def loo_group_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            members: torch.Tensor, offsets: torch.Tensor):
+        """``q [H, D]``, ``k, v [T, KV, D]``, groups as CSR ``members [M]``, ``offsets [NG + 1]`` ->
+        ``(o [H, D], delta [NG, H, D])``; see ``loo_group_attention.py``."""
+        return loo_group_attention.loo_group_attention_reference(q, k, v, scale, members, offsets)
+
     def head_distances(self, o: torch.Tensor, delta: torch.Tensor, gram: torch.Tensor):
         """``o [H, D]``, ``delta [T, H, D]``, ``gram [H, D, D]`` -> ``(l2 [T, H], cos [T, H])``."""
         return head_distances.head_distances_reference(o, delta, gram)
@@ -50,9 +57,12 @@ class Backend:
         """``clean [N]``, ``delta [T, N]`` -> ``(l2 [T], cos [T])``."""
         return vector_distances.vector_distances_reference(clean, delta)
 
-    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude):
-        """``q [B, H, D]``, prefix ``[T, KV, D]``, own ``[B, KV, D]``, ``exclude [B]`` -> ``[B, H, D]``."""
-        return decode_attention.decode_attention_reference(q, k_prefix, v_prefix, k_own, v_own, scale, exclude)
+    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude, exclude_sets=None,
+                         exclude_set=None):
+        """``q [B, H, D]``, prefix ``[T, KV, D]``, own ``[B, KV, D]``, ``exclude [B]`` -> ``[B, H, D]``;
+        optionally ``exclude_sets [N, T + 1]`` bool with ``exclude_set [B]`` (see ``decode_attention.py``)."""
+        return decode_attention.decode_attention_reference(q, k_prefix, v_prefix, k_own, v_own, scale, exclude,
+                                                           exclude_sets, exclude_set)
 
     def __repr__(self) -> str:
         return f"<maskvl backend {self.name}>"
@@ -72,14 +82,19 @@ class CppBackend(Backend):
     def loo_attention(self, q, k, v, scale: float):
         return loo_attention.run_cpp(q, k, v, scale)
 
+    def loo_group_attention(self, q, k, v, scale: float, members, offsets):
+        return loo_group_attention.run_cpp(q, k, v, scale, members, offsets)
+
     def head_distances(self, o, delta, gram):
         return head_distances.run_cpp(o, delta, gram)
 
     def vector_distances(self, clean, delta):
         return vector_distances.run_cpp(clean, delta)
 
-    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude):
-        return decode_attention.run_cpp(q, k_prefix, v_prefix, k_own, v_own, scale, exclude)
+    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude, exclude_sets=None,
+                         exclude_set=None):
+        return decode_attention.run_cpp(q, k_prefix, v_prefix, k_own, v_own, scale, exclude, exclude_sets,
+                                        exclude_set)
 
 
 KERNELS_MODULE = "maskvl._kernels"
@@ -156,6 +171,10 @@ class TritonBackend(Backend):
         self._check(q)
         return loo_attention.run_triton(self._k, q, k, v, scale)
 
+    def loo_group_attention(self, q, k, v, scale: float, members, offsets):
+        self._check(q)
+        return loo_group_attention.run_triton(self._k, q, k, v, scale, members, offsets)
+
     def head_distances(self, o, delta, gram):
         self._check(delta)
         return head_distances.run_triton(self._k, o, delta, gram)
@@ -164,9 +183,11 @@ class TritonBackend(Backend):
         self._check(delta)
         return vector_distances.run_triton(self._k, clean, delta)
 
-    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude):
+    def decode_attention(self, q, k_prefix, v_prefix, k_own, v_own, scale: float, exclude, exclude_sets=None,
+                         exclude_set=None):
         self._check(q)
-        return decode_attention.run_triton(self._k, q, k_prefix, v_prefix, k_own, v_own, scale, exclude)
+        return decode_attention.run_triton(self._k, q, k_prefix, v_prefix, k_own, v_own, scale, exclude,
+                                           exclude_sets, exclude_set)
 
 
 def _triton_status(dev: torch.device) -> str | None:

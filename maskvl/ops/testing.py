@@ -174,3 +174,32 @@ def bruteforce_atol(v: torch.Tensor, T: int) -> float:
     """The absolute resolution of :func:`loo_bruteforce`'s delta: a float64 difference of two softmax
     averages of the rows of ``v`` (with generous headroom for the T-term sums)."""
     return 4 * T * torch.finfo(torch.float64).eps * float(v.double().abs().max())
+
+
+def csr_groups(groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(members [M], offsets [NG + 1])`` int64 of a list of position lists (order kept)."""
+    members = torch.tensor([p for g in groups for p in g], dtype=torch.int64)
+    sizes = torch.tensor([0] + [len(g) for g in groups], dtype=torch.int64)
+    return members, torch.cumsum(sizes, 0)
+
+
+def group_bruteforce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, groups: list[list[int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-group-out attention by explicit masking in float64: for every group a full softmax with
+    the group's scores at -inf (no key left: masked output 0). ``o [H, D]``, ``delta [NG, H, D]`` in
+    float64, with :func:`bruteforce_atol`'s absolute resolution."""
+    H, D = q.shape
+    T, KV, _ = k.shape
+    heads = torch.arange(H) // (H // KV)
+    q64, kh, vh = q.double(), k.double()[:, heads], v.double()[:, heads]  # [T, H, D]
+    s = torch.einsum("hd,thd->ht", q64, kh) * scale  # [H, T]
+    o = torch.einsum("ht,thd->hd", torch.softmax(s, -1), vh)
+    out = []
+    for g in groups:
+        if len(set(g)) == T:
+            out.append(-o)
+            continue
+        sg = s.clone()
+        sg[:, list(g)] = float("-inf")
+        out.append(torch.einsum("ht,thd->hd", torch.softmax(sg, -1), vh) - o)
+    return o, torch.stack(out) if out else o.new_zeros(0, H, D)
