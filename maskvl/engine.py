@@ -278,13 +278,21 @@ class Engine:
             attn_clean = attn_clean + bias.to(self.cd)
         attn_delta = delta.reshape(P, -1) @ wo.T  # [P, d]
         x = cap.x[layer].to(cd)
-        h_clean = x + attn_clean
+        if a.has_attention_norm:
+            # A norm after attention (Gemma 3, OLMo 2) sits between o_proj and the residual: Full goes
+            # through it, Attn and Head_N stay before it.
+            res_clean = a.attention_norm(layer, attn_clean.unsqueeze(0), cd)[0]
+            res_delta = self._in_chunks(P, lambda i, j: a.attention_norm(
+                layer, attn_clean.unsqueeze(0) + attn_delta[i:j], cd)) - res_clean if P else attn_delta
+        else:
+            res_clean, res_delta = attn_clean, attn_delta
+        h_clean = x + res_clean
         mlp_clean = a.post_attention(layer, h_clean.unsqueeze(0), cd)[0]
         # Chunked so that the MLP's [rows, intermediate] activations stay bounded for long sequences.
         mlp_masked = self._in_chunks(P, lambda i, j: a.post_attention(
-            layer, h_clean.unsqueeze(0) + attn_delta[i:j], cd)) if P else attn_delta  # [P, d]
-        full_clean = attn_clean + mlp_clean
-        full_delta = attn_delta + (mlp_masked - mlp_clean)
+            layer, h_clean.unsqueeze(0) + res_delta[i:j], cd)) if P else res_delta  # [P, d]
+        full_clean = res_clean + mlp_clean
+        full_delta = res_delta + (mlp_masked - mlp_clean)
         if P:
             l2_full, cos_full = self.backend.vector_distances(full_clean, full_delta)
             l2_attn, cos_attn = self.backend.vector_distances(attn_clean, attn_delta)
@@ -333,7 +341,7 @@ class Engine:
             exclude = torch.where(exclude >= lo, exclude - lo, torch.full_like(exclude, -1))
         if key_sets is None:
             out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
-                layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
+                layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
         else:
             # Group rows leave out their whole group inside the knockout window (the adapter's attention
             # call is the same; the sets are bound here), the window's columns only.
@@ -341,7 +349,7 @@ class Engine:
                               for b in batches]).to(rows.device)
             key_sets = key_sets[:, lo:] if lo else key_sets
             out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
-                layer, rows[i:j], cap.rope, k_pre, v_pre, exclude[i:j],
+                layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j],
                 functools.partial(self.backend.decode_attention, exclude_sets=key_sets, exclude_set=sets[i:j]),
                 self.cd))
         i = 0

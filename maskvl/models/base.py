@@ -68,6 +68,8 @@ class Capture:
         q: per layer, the final position's query after q_norm and RoPE, ``[H, D]`` (model dtype).
         logits: the next-token logits at the final position, ``[V]``.
         rope: the final position's rotary ``(cos, sin)``, ``[D]`` each (model dtype).
+        layer_rope: per layer, that layer's ``(cos, sin)`` where layers differ (Gemma 3's local and global
+            layers have their own rotary bases); None where every layer uses ``rope``.
     Keys and values of every position are read from the KV cache with :meth:`ModelAdapter.kv`.
     """
 
@@ -75,6 +77,11 @@ class Capture:
     q: list[torch.Tensor]
     logits: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    layer_rope: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rope_at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The final position's rotary ``(cos, sin)`` at ``layer``."""
+        return self.layer_rope[layer] if self.layer_rope is not None else self.rope
 
 
 # ``attend(q [B, H, D], k_prefix [T, KV, D], v_prefix, k_own [B, KV, D], v_own, scale, exclude [B])``
@@ -92,6 +99,9 @@ class ModelAdapter(abc.ABC):
         scale: the attention softmax scale.
         dtype, device: where and how the weights live.
         supports_images: whether :meth:`prepare` accepts images.
+        has_attention_norm: whether a norm follows o_proj before the residual add (Gemma 3, OLMo 2):
+            then :meth:`attention_norm` is applied to the attention output; ``Full`` includes it,
+            ``Attn`` and ``Head_N`` are measured before it.
     """
 
     #: transformers ``config.model_type`` values this adapter handles (the registry's keys).
@@ -109,6 +119,7 @@ class ModelAdapter(abc.ABC):
     dtype: torch.dtype
     device: torch.device
     supports_images: bool = False
+    has_attention_norm: bool = False
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
@@ -198,9 +209,14 @@ class ModelAdapter(abc.ABC):
         """``[d_model]``, or None where o_proj has no bias. ``Attn`` includes it; ``Head_N`` does not."""
         return None
 
+    def attention_norm(self, layer: int, attn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What the layer adds to the residual stream for o_proj outputs ``attn [N, d_model]``: the norm
+        after attention where :attr:`has_attention_norm`, else ``attn`` itself."""
+        return attn
+
     @abc.abstractmethod
     def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The layer's MLP branch for residual rows ``h [N, d_model]`` (norm + MLP), in ``dtype``."""
+        """The layer's MLP branch for residual rows ``h [N, d_model]`` (norms + MLP), in ``dtype``."""
 
     @abc.abstractmethod
     def replay_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

@@ -114,7 +114,7 @@ class TransformersDecoderAdapter(ModelAdapter):
         def q_post(i):
             def hook(module, args, out):
                 # The query before RoPE: q_norm's output where the model has one, else q_proj's.
-                qs[i] = out[0, -1].detach().reshape(H, D).clone()
+                qs[i] = self._final_query(out).detach().reshape(H, D).clone()
             return hook
 
         for i, layer in enumerate(self.layers):
@@ -132,7 +132,14 @@ class TransformersDecoderAdapter(ModelAdapter):
         for q, (cos, sin) in zip(qs, rope):
             # The model's apply_rotary_pos_emb on the final row: q * cos + rotate_half(q) * sin.
             q_rot.append((q * cos) + (rotate_half(q) * sin))
-        return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0])
+        same = all(torch.equal(c, rope[0][0]) and torch.equal(s_, rope[0][1]) for c, s_ in rope)
+        return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0],
+                       layer_rope=None if same else rope)
+
+    def _final_query(self, out: torch.Tensor) -> torch.Tensor:
+        """The final position's row of the hooked query module's output (``[1, S, H * D]`` or
+        ``[1, S, H, D]``; a family whose q_norm runs after the heads are moved first overrides this)."""
+        return out[0, -1]
 
     def prefill(self, prepared: Prepared, cache: Any) -> Capture:
         return self._forward_capture(input_ids=prepared.input_ids, past_key_values=cache, **prepared.model_inputs)
@@ -222,6 +229,10 @@ class TransformersDecoderAdapter(ModelAdapter):
         lay = self.layers[layer]
         return self._run(lay.mlp, self._run(lay.post_attention_layernorm, h, dtype), dtype)
 
+    def input_norm(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The norm before attention of residual rows ``h [B, d_model]`` (a family without one overrides)."""
+        return self._run(self.layers[layer].input_layernorm, h, dtype)
+
     def _project_qkv(self, layer: int, x: torch.Tensor, dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q [B, H, D]``, ``k, v [B, KV, D]`` of normed rows ``x [B, d_model]``, before RoPE."""
@@ -241,15 +252,18 @@ class TransformersDecoderAdapter(ModelAdapter):
                      attend: AttendFn, dtype: torch.dtype) -> torch.Tensor:
         # The decoder layer's forward for one position per row, with the KV cache's prefix shared by
         # all rows: input norm, q/k/v projections, per-head q/k norms, RoPE, attention, o_proj,
-        # residual, post-attention norm, MLP, residual.
+        # (norm after attention), residual, the MLP branch, residual.
         lay = self.layers[layer]
         B = h.shape[0]
-        q, k, v = self._project_qkv(layer, self._run(lay.input_layernorm, h, dtype), dtype)
+        q, k, v = self._project_qkv(layer, self.input_norm(layer, h, dtype), dtype)
         cos, sin = (t.to(dtype) for t in rope)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = attend(q, k_prefix, v_prefix, k, v, self.scale, exclude).to(dtype)
-        h = h.to(dtype) + self._run(lay.self_attn.o_proj, o.reshape(B, -1), dtype)
+        attn = self._run(lay.self_attn.o_proj, o.reshape(B, -1), dtype)
+        if self.has_attention_norm:
+            attn = self.attention_norm(layer, attn, dtype)
+        h = h.to(dtype) + attn
         return h + self.post_attention(layer, h, dtype)
 
     def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

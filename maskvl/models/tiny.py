@@ -175,11 +175,35 @@ MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
+# Gemma's turns: <start_of_turn>user ... <end_of_turn>, the answer after <start_of_turn>model.
+GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# OLMo 2 Instruct's turns: <|user|>, <|assistant|>, each answer ending with <|endoftext|> (also BOS).
+OLMO2_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+OLMO2_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 # style -> (special tokens, bos, eos, pad, chat template)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, str]] = {
     "qwen": (SPECIAL_TOKENS, None, "<|im_end|>", "<|endoftext|>", CHAT_TEMPLATE),
     "llama3": (LLAMA3_SPECIAL_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_CHAT_TEMPLATE),
     "mistral": (MISTRAL_SPECIAL_TOKENS, "<s>", "</s>", None, MISTRAL_CHAT_TEMPLATE),
+    "gemma": (GEMMA_SPECIAL_TOKENS, "<bos>", "<eos>", "<pad>", GEMMA_CHAT_TEMPLATE),
+    "olmo2": (OLMO2_SPECIAL_TOKENS, "<|endoftext|>", "<|endoftext|>", "<|pad|>", OLMO2_CHAT_TEMPLATE),
 }
 
 
@@ -187,7 +211,8 @@ def build_tokenizer(vocab_size: int = 384, style: str = "qwen"):
     """A byte-level BPE tokenizer trained on a fixed corpus, with one chat format's special tokens and template.
 
     ``style``: ``qwen`` (ChatML: ``<|im_start|>``/``<|im_end|>`` and the vision tokens; the default),
-    ``llama3`` (header tokens, ``<|eot_id|>``) or ``mistral`` (``[INST]``, ``<s>``/``</s>``).
+    ``llama3`` (header tokens, ``<|eot_id|>``), ``mistral`` (``[INST]``, ``<s>``/``</s>``), ``gemma``
+    (``<start_of_turn>``/``<end_of_turn>``) or ``olmo2`` (``<|user|>``/``<|assistant|>``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
