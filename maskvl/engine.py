@@ -34,8 +34,17 @@ import torch
 from . import measures
 from .errors import InputError, OutOfMemory
 from .models.base import Capture, ModelAdapter, Prepared
-from .ops import Backend, get_backend, head_grams
+from .ops import Backend, get_backend, head_grams, sinks
 from .options import OPTIONS
+
+
+def _attend_with_sinks(decode_attention: Callable[..., torch.Tensor], sink: torch.Tensor, q: torch.Tensor,
+                       k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor,
+                       scale: float, exclude: torch.Tensor, exclude_sets: torch.Tensor | None = None,
+                       exclude_set: torch.Tensor | None = None) -> torch.Tensor:
+    """A backend's decode attention with the layer's sinks ``[H]`` in the denominator (``maskvl/ops/sinks.py``)."""
+    out = decode_attention(q, k_prefix, v_prefix, k_own, v_own, scale, exclude, exclude_sets, exclude_set)
+    return sinks.decode_attention(out, q, k_prefix, k_own, scale, exclude, exclude_sets, exclude_set, sink)
 
 @dataclass
 class SweepConfig:
@@ -251,6 +260,9 @@ class Engine:
         cd = self.cd
         k, v = a.kv(cache, layer)  # [T, KV, D]
         lo = self.window_start(layer, k.shape[0])
+        # Learned sinks (GPT-OSS) stay in the softmax denominator: the sink-free op's result is corrected
+        # exactly (maskvl/ops/sinks.py).
+        sink = a.attention_sinks(layer)
         if lo:
             k, v = k[lo:], v[lo:]  # the window: keys lo..T-1
         if groups is None:
@@ -261,6 +273,8 @@ class Engine:
             else:
                 pos = positions
             o, delta = self.backend.loo_attention(cap.q[layer], k, v, a.scale)  # [H, D], [T, H, D]
+            if sink is not None:
+                o, delta = sinks.loo_attention(o, delta, cap.q[layer], k, a.scale, sink)
             pos = pos.to(delta.device)
             delta = delta.index_select(0, pos)  # [P, H, D]
         else:
@@ -268,6 +282,8 @@ class Engine:
             members, offsets, inside = groups.within(lo)
             o, delta = self.backend.loo_group_attention(cap.q[layer], k, v, a.scale, members,
                                                         offsets)  # [H, D], [NG_in, H, D]
+            if sink is not None:
+                o, delta = sinks.loo_group_attention(o, delta, cap.q[layer], k, a.scale, members, offsets, sink)
         P = delta.shape[0]
         # Cast per use, not cached: a compute-dtype copy of every layer's o_proj would cost GBs at 4B.
         wo = a.o_proj_weight(layer).to(self.cd)  # [d, H*D]
@@ -339,9 +355,13 @@ class Engine:
         if lo:
             # Indices into the window's prefix; a key before the window is not there to leave out.
             exclude = torch.where(exclude >= lo, exclude - lo, torch.full_like(exclude, -1))
+        attend = self.backend.decode_attention
+        sink = a.attention_sinks(layer)
+        if sink is not None:
+            attend = functools.partial(_attend_with_sinks, self.backend.decode_attention, sink)
         if key_sets is None:
             out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
-                layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j], self.backend.decode_attention, self.cd))
+                layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j], attend, self.cd))
         else:
             # Group rows leave out their whole group inside the knockout window (the adapter's attention
             # call is the same; the sets are bound here), the window's columns only.
@@ -350,7 +370,7 @@ class Engine:
             key_sets = key_sets[:, lo:] if lo else key_sets
             out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_layer(
                 layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j],
-                functools.partial(self.backend.decode_attention, exclude_sets=key_sets, exclude_set=sets[i:j]),
+                functools.partial(attend, exclude_sets=key_sets, exclude_set=sets[i:j]),
                 self.cd))
         i = 0
         for b in batches:

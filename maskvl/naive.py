@@ -46,10 +46,12 @@ def _knockout_attention(module, query, key, value, attention_mask, scaling=None,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     target = getattr(_target, "value", None)
-    if target is None or module.layer_idx not in target[0]:
+    # Learned sinks (GPT-OSS's s_aux): a softmax column with no value, kept at every layer; sdpa has none.
+    sink = kwargs.pop("s_aux", None)
+    if sink is None and (target is None or module.layer_idx not in target[0]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    p = target[1]
+    p = target[1] if target is not None and module.layer_idx in target[0] else None
     B, H, Sq, D = query.shape
     KV, Sk = key.shape[1], key.shape[2]
     cd = measures.compute_dtype(query.dtype)
@@ -68,7 +70,11 @@ def _knockout_attention(module, query, key, value, attention_mask, scaling=None,
     if p is not None:
         allowed[..., Sq - 1, torch.as_tensor(p, dtype=torch.long, device=allowed.device)] = False
     s = s.masked_fill(~allowed, float("-inf"))
-    out = torch.matmul(torch.softmax(s, dim=-1), v)
+    if sink is not None:
+        c = sink.to(cd).reshape(1, H, 1, 1).expand(B, H, Sq, 1)
+        out = torch.matmul(torch.softmax(torch.cat([s, c], dim=-1), dim=-1)[..., :Sk], v)
+    else:
+        out = torch.matmul(torch.softmax(s, dim=-1), v)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

@@ -209,6 +209,10 @@ class ModelAdapter(abc.ABC):
         """``[d_model]``, or None where o_proj has no bias. ``Attn`` includes it; ``Head_N`` does not."""
         return None
 
+    def attention_sinks(self, layer: int) -> torch.Tensor | None:
+        """Learned sink logits ``[H]`` in the softmax denominator at ``layer`` (GPT-OSS), or None."""
+        return None
+
     def attention_norm(self, layer: int, attn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """What the layer adds to the residual stream for o_proj outputs ``attn [N, d_model]``: the norm
         after attention where :attr:`has_attention_norm`, else ``attn`` itself."""

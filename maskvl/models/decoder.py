@@ -107,7 +107,7 @@ class TransformersDecoderAdapter(ModelAdapter):
             def hook(module, args, kw):
                 h = args[0] if args else kw["hidden_states"]
                 xs[i] = h[0, -1].detach().clone()
-                cos, sin = kw["position_embeddings"]
+                cos, sin = self._rope_table(*kw["position_embeddings"])
                 rope[i] = (cos[0, -1].detach().clone(), sin[0, -1].detach().clone())
             return hook
 
@@ -135,6 +135,11 @@ class TransformersDecoderAdapter(ModelAdapter):
         same = all(torch.equal(c, rope[0][0]) and torch.equal(s_, rope[0][1]) for c, s_ in rope)
         return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0],
                        layer_rope=None if same else rope)
+
+    def _rope_table(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's rotary tables as ``x * cos + rotate_half(x) * sin`` uses them, ``[..., D]``; a family
+        whose model hands over half-width tables overrides this."""
+        return cos, sin
 
     def _final_query(self, out: torch.Tensor) -> torch.Tensor:
         """The final position's row of the hooked query module's output (``[1, S, H * D]`` or

@@ -197,6 +197,16 @@ OLMO2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# GPT-OSS's harmony format: <|start|>role<|message|>text<|end|>; the answer ends with <|return|>.
+HARMONY_SPECIAL_TOKENS = ["<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>",
+                          "<|call|>"]
+HARMONY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
 # style -> (special tokens, bos, eos, pad, chat template)
 TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, str]] = {
     "qwen": (SPECIAL_TOKENS, None, "<|im_end|>", "<|endoftext|>", CHAT_TEMPLATE),
@@ -204,6 +214,7 @@ TOKENIZER_STYLES: dict[str, tuple[list[str], str | None, str, str | None, str]] 
     "mistral": (MISTRAL_SPECIAL_TOKENS, "<s>", "</s>", None, MISTRAL_CHAT_TEMPLATE),
     "gemma": (GEMMA_SPECIAL_TOKENS, "<bos>", "<eos>", "<pad>", GEMMA_CHAT_TEMPLATE),
     "olmo2": (OLMO2_SPECIAL_TOKENS, "<|endoftext|>", "<|endoftext|>", "<|pad|>", OLMO2_CHAT_TEMPLATE),
+    "harmony": (HARMONY_SPECIAL_TOKENS, None, "<|return|>", "<|endoftext|>", HARMONY_CHAT_TEMPLATE),
 }
 
 
@@ -212,7 +223,8 @@ def build_tokenizer(vocab_size: int = 384, style: str = "qwen"):
 
     ``style``: ``qwen`` (ChatML: ``<|im_start|>``/``<|im_end|>`` and the vision tokens; the default),
     ``llama3`` (header tokens, ``<|eot_id|>``), ``mistral`` (``[INST]``, ``<s>``/``</s>``), ``gemma``
-    (``<start_of_turn>``/``<end_of_turn>``) or ``olmo2`` (``<|user|>``/``<|assistant|>``).
+    (``<start_of_turn>``/``<end_of_turn>``), ``olmo2`` (``<|user|>``/``<|assistant|>``) or ``harmony``
+    (GPT-OSS: ``<|start|>``/``<|message|>``/``<|end|>``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -4,7 +4,8 @@ One file per op (``loo_attention``, ``loo_group_attention``, ``head_distances``,
 ``decode_attention``): its ``maskvl::`` schema, fake kernel, plain PyTorch reference and what each
 backend runs for it. The compiled implementations sit beside them by the same name: ``csrc/<op>.cpp``
 (the ``maskvl._C`` CPU kernels) and ``kernels/<op>.py`` (Triton, for CUDA). ``backends.py`` holds the
-backend classes and their selection; the engine only ever calls a :class:`Backend`.
+backend classes and their selection; the engine only ever calls a :class:`Backend`. ``sinks.py`` applies
+learned attention sinks (GPT-OSS) exactly to any backend's sink-free attention results.
 
 All backends return the compute dtype (float64 for float64 inputs, float32 otherwise). The compiled
 ops also accept bf16/fp16 inputs and upcast them as they load (``head_distances`` and

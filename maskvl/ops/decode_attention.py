@@ -63,6 +63,7 @@ def decode_attention_reference(
     exclude: torch.Tensor,
     exclude_sets: torch.Tensor | None = None,
     exclude_set: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch shared-prefix decode attention.
 
@@ -74,6 +75,8 @@ def decode_attention_reference(
         exclude: ``[B]`` int64, the key each variant leaves out (-1 none, T its own row).
         exclude_sets: ``[N, T + 1]`` bool, optional key sets (column T: the own row).
         exclude_set: ``[B]`` int64, the set each variant also leaves out (-1 none); with ``exclude_sets``.
+        sinks: ``[H]`` optional sink logits: one more softmax column per head with no value (the
+            backends apply them with ``maskvl/ops/sinks.py``; this is the plain reference).
 
     Returns:
         ``[B, H, D]`` attention outputs in the compute dtype.
@@ -95,7 +98,11 @@ def decode_attention_reference(
         named = idx >= 0
         drop = drop | (exclude_sets.to(q.device)[idx.clamp_min(0)] & named.unsqueeze(1))
     s = s.masked_fill(drop[:, None, None, :], float("-inf"))
-    a = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        c = sinks.to(device=q.device, dtype=cd).reshape(1, KV, group, 1).expand(B, KV, group, 1)
+        a = torch.softmax(torch.cat([s, c], dim=-1), dim=-1)[..., :T + 1]
+    else:
+        a = torch.softmax(s, dim=-1)
     out = torch.einsum("bkgt,tkd->bkgd", a[..., :T], v_prefix.to(cd))
     out = out + a[..., T:] * v_own.to(cd).unsqueeze(2)
     return out.reshape(B, H, D)
