@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 16
+DKB = 16  # dk columns per step of the forward kernel's contractions (see _forward)
 # transformers' l2norm epsilon (models/qwen3_5/modeling_qwen3_5.py); maskvl.ops.gated_delta_knockout.L2NORM_EPS.
 L2NORM_EPS = 1e-6
 
@@ -136,37 +137,64 @@ def _reverse(q_ptr, k_ptr, g_ptr, b_ptr, u_ptr, prm_ptr, T, dk, Hv, sqh, skt, sk
 
 
 @triton.jit
-def _forward(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, u_ptr, prm_ptr, o_ptr, delta_ptr, T, dk, dv, Hv,
+def _forward(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, u_ptr, s_ptr, prm_ptr, o_ptr, delta_ptr, T, dk, dv, Hv, NV,
              sqh, skt, skh, svt, svh, sgt, sgh, sbt, sbh,
-             G: tl.constexpr, L2NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, DK: tl.constexpr,
-             BV: tl.constexpr):
+             G: tl.constexpr, L2NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, DKB: tl.constexpr,
+             NDK: tl.constexpr, BV: tl.constexpr):
     h = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1).to(tl.int64)
     kh = h // G
-    scale = tl.load(prm_ptr)
     eps = tl.load(prm_ptr + 1)
-    offs_d = tl.arange(0, DK)
-    md = offs_d < dk
+    offs_b = tl.arange(0, DKB)
     offs_v = vb * BV + tl.arange(0, BV)
     mv = offs_v < dv
+    sv = tl.arange(0, BV)
     i = tl.arange(0, BLOCK_T)
     i64 = i.to(tl.int64)  # positions are 64-bit before they meet a stride
     lower = i[None, :] < i[:, None]  # [i, j]: j < i
     eye = (i[:, None] == i[None, :]).to(ACC)
-    S = tl.zeros([DK, BV], ACC)
+    # This program's state block, two buffers [2, NDK * DKB, BV] (chunk c reads buffer c % 2, writes the other).
+    s_base = s_ptr + (h * NV + vb) * (2 * NDK * DKB * BV)
     NC = tl.cdiv(T, BLOCK_T)
     for ci in range(0, NC):
         t = ci * BLOCK_T + i64
         mt = t < T
-        K = _load_keys(k_ptr, t, kh, T, dk, skt, skh, eps, L2NORM, ACC, DK)
-        U = tl.load(u_ptr + (t[:, None] * Hv + h) * dk + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+        s_rd = s_base + (ci % 2) * (NDK * DKB * BV)
+        s_wr = s_base + ((ci + 1) % 2) * (NDK * DKB * BV)
         V = tl.load(v_ptr + t[:, None] * svt + h * svh + offs_v[None, :], mask=mt[:, None] & mv[None, :],
                     other=0.0).to(ACC)
         g = _load_gate(g_ptr, t, mt, h, sgt, sgh, ACC)
         beta = _load_gate(b_ptr, t, mt, h, sbt, sbh, ACC)
         gnext = _load_gate(g_ptr, t + 1, (i + 1 < BLOCK_T) & (t + 1 < T), h, sgt, sgh, ACC)  # g_{i+1}
         gprev = _load_gate(g_ptr, t - 1, (i >= 1) & (t - 1 < T), h, sgt, sgh, ACC)  # g_{i-1}
-        c = tl.sum(U * K, axis=1)
+        # The contractions over dk, DKB columns at a time (raw keys; their norms are applied after).
+        ss = tl.zeros([BLOCK_T], ACC)
+        cr = tl.zeros([BLOCK_T], ACC)
+        KKr = tl.zeros([BLOCK_T, BLOCK_T], ACC)
+        UKr = tl.zeros([BLOCK_T, BLOCK_T], ACC)
+        KSr = tl.zeros([BLOCK_T, BV], ACC)
+        US = tl.zeros([BLOCK_T, BV], ACC)
+        for b in range(0, NDK):
+            d = b * DKB + offs_b
+            m = mt[:, None] & (d < dk)[None, :]
+            Kb = tl.load(k_ptr + t[:, None] * skt + kh * skh + d[None, :], mask=m, other=0.0).to(ACC)
+            Ub = tl.load(u_ptr + (t[:, None] * Hv + h) * dk + d[None, :], mask=m, other=0.0)
+            Sb = tl.load(s_rd + d[:, None] * BV + sv[None, :])
+            KbT = tl.trans(Kb)
+            ss += tl.sum(Kb * Kb, axis=1)
+            cr += tl.sum(Ub * Kb, axis=1)
+            KKr += tl.dot(Kb, KbT, input_precision="ieee")
+            UKr += tl.dot(Ub, KbT, input_precision="ieee")  # [i, j] = <u_i, k_j>
+            KSr += tl.dot(Kb, Sb, input_precision="ieee")
+            US += tl.dot(Ub, Sb, input_precision="ieee")
+        if L2NORM:
+            rk = 1.0 / _sqrt(ss + eps, ACC)
+        else:
+            rk = tl.full([BLOCK_T], 1.0, ACC)
+        KK = rk[:, None] * KKr * rk[None, :]
+        UK = UKr * rk[None, :]
+        KS = rk[:, None] * KSr
+        c = cr * rk
         gam = tl.exp(tl.cumsum(g, axis=0))  # exp(g_0 + ... + g_i)
         gam_ex = tl.exp(tl.cumsum(gprev, axis=0))  # exp(g_0 + ... + g_{i-1})
         e = tl.exp(tl.cumsum(gnext, axis=0, reverse=True))  # exp(g_{i+1} + ... + g_{BT-1})
@@ -176,25 +204,45 @@ def _forward(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, u_ptr, prm_ptr, o_ptr, delta_ptr
                                                axis=1, reverse=True)), 0.0)
         Dex = tl.where(lower, tl.exp(tl.cumsum(tl.where(i[None, :] <= i[:, None] - 2, gnext[None, :], 0.0),
                                                axis=1, reverse=True)), 0.0)
-        KT = tl.trans(K)
-        KK = tl.dot(K, KT, input_precision="ieee")
-        UK = tl.dot(U, KT, input_precision="ieee")  # [i, j] = <u_i, k_j>
-        KS = tl.dot(K, S, input_precision="ieee")
-        US = tl.dot(U, S, input_precision="ieee")
         A = beta[:, None] * Din * KK
         # (I + A)^{-1} by forward substitution (rows j < s are final when row s is formed).
         Ainv = eye
-        for s in tl.static_range(1, BLOCK_T):
+        for s in range(1, BLOCK_T):
             a_row = tl.sum(tl.where(i[:, None] == s, A, 0.0), axis=0)
             new = tl.where(i == s, 1.0, 0.0) - tl.sum(a_row[:, None] * Ainv, axis=0)
             Ainv = tl.where(i[:, None] == s, new[None, :], Ainv)
         W = tl.dot(Ainv, beta[:, None] * (V - gam[:, None] * KS), input_precision="ieee")
         Z = gam_ex[:, None] * US + tl.dot(Dex * UK, W, input_precision="ieee")
-        d = (-_expm1(g))[:, None] * Z - c[:, None] * W
-        tl.store(delta_ptr + (t[:, None] * Hv + h) * dv + offs_v[None, :], d, mask=mt[:, None] & mv[None, :])
-        S = tl.exp(tl.sum(g, axis=0)) * S + tl.dot(tl.trans(e[:, None] * K), W, input_precision="ieee")
-    q = _load_query(q_ptr, kh, dk, sqh, scale, eps, L2NORM, ACC, DK)
-    tl.store(o_ptr + h * dv + offs_v, tl.sum(S * q[:, None], axis=0), mask=mv)
+        dlt = (-_expm1(g))[:, None] * Z - c[:, None] * W
+        tl.store(delta_ptr + (t[:, None] * Hv + h) * dv + offs_v[None, :], dlt, mask=mt[:, None] & mv[None, :])
+        # S <- gamma_{BT-1} S + (e K)^T W, DKB rows at a time, into the other buffer.
+        decay = tl.exp(tl.sum(g, axis=0))
+        ek = e * rk
+        for b in range(0, NDK):
+            d = b * DKB + offs_b
+            m = mt[:, None] & (d < dk)[None, :]
+            Kb = tl.load(k_ptr + t[:, None] * skt + kh * skh + d[None, :], mask=m, other=0.0).to(ACC)
+            Sb = tl.load(s_rd + d[:, None] * BV + sv[None, :])
+            Sb = decay * Sb + tl.dot(tl.trans(ek[:, None] * Kb), W, input_precision="ieee")
+            tl.store(s_wr + d[:, None] * BV + sv[None, :], Sb)
+        tl.debug_barrier()  # the next chunk reads what other threads of this program just wrote
+    # o = S_{T-1}^T q_hat, from the buffer the last chunk wrote.
+    s_fin = s_base + (NC % 2) * (NDK * DKB * BV)
+    qss = tl.zeros([DKB], ACC)
+    for b in range(0, NDK):
+        d = b * DKB + offs_b
+        qb = tl.load(q_ptr + kh * sqh + d, mask=d < dk, other=0.0).to(ACC)
+        qss += qb * qb
+    scale = tl.load(prm_ptr)
+    if L2NORM:
+        scale = scale * (1.0 / _sqrt(tl.sum(qss, axis=0) + eps, ACC))
+    o = tl.zeros([BV], ACC)
+    for b in range(0, NDK):
+        d = b * DKB + offs_b
+        qb = tl.load(q_ptr + kh * sqh + d, mask=d < dk, other=0.0).to(ACC) * scale
+        Sb = tl.load(s_fin + d[:, None] * BV + sv[None, :])
+        o += tl.sum(Sb * qb[:, None], axis=0)
+    tl.store(o_ptr + h * dv + offs_v, o, mask=mv)
 
 
 def _acc(cd: torch.dtype):
@@ -234,18 +282,21 @@ def gated_delta_knockout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     v = v if v.stride(-1) == 1 else v.contiguous()
     g, beta = g.to(cd), beta.to(cd)  # [T, Hv]; any strides
     DK = max(16, triton.next_power_of_2(dk))
-    BV = max(16, min(64, triton.next_power_of_2(dv)))
+    NDK = triton.cdiv(dk, DKB)
+    BV = max(16, min(32, triton.next_power_of_2(dv)))
+    NV = triton.cdiv(dv, BV)
     acc = _acc(cd)
     prm = torch.tensor([scale, L2NORM_EPS], dtype=cd, device=dev)  # float kernel arguments would be fp32
     u = torch.empty(T, Hv, dk, dtype=cd, device=dev)
     o = torch.empty(Hv, dv, dtype=cd, device=dev)
     delta = torch.empty(T, Hv, dv, dtype=cd, device=dev)
+    state = torch.zeros(Hv * NV * 2 * NDK * DKB * BV, dtype=cd, device=dev)  # S_{-1} = 0
     G = Hv // Hk
     _reverse[(Hv,)](q, k, g, beta, u, prm, T, dk, Hv, q.stride(0), k.stride(0), k.stride(1),
                     g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
                     G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DK=DK)
-    _forward[(Hv, triton.cdiv(dv, BV))](q, k, v, g, beta, u, prm, o, delta, T, dk, dv, Hv,
-                                        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
-                                        G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DK=DK, BV=BV)
+    _forward[(Hv, NV)](q, k, v, g, beta, u, state, prm, o, delta, T, dk, dv, Hv, NV,
+                       q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                       g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
+                       G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DKB=DKB, NDK=NDK, BV=BV)
     return o, delta
