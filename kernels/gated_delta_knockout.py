@@ -41,15 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+from ._launch import acc_type, compute_dtype
+
 BLOCK_T = 16
 DKB = 16  # dk columns per step of the forward kernel's contractions (see _forward)
 # transformers' l2norm epsilon (models/qwen3_5/modeling_qwen3_5.py); maskvl.ops.gated_delta_knockout.L2NORM_EPS.
 L2NORM_EPS = 1e-6
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (``maskvl``'s compute dtype)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -245,10 +243,6 @@ def _forward(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, u_ptr, s_ptr, prm_ptr, o_ptr, de
     tl.store(o_ptr + h * dv + offs_v, o, mask=mv)
 
 
-def _acc(cd: torch.dtype):
-    return tl.float64 if cd == torch.float64 else tl.float32
-
-
 def gated_delta_knockout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                          scale: float, qk_l2norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the gated-delta-rule knockout kernels on the inputs' device.
@@ -276,6 +270,7 @@ def gated_delta_knockout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"gated_delta_knockout: q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype})")
     cd = compute_dtype(q.dtype)
+    _launch.check_float64(cd)
     dev = q.device
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -285,18 +280,18 @@ def gated_delta_knockout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     NDK = triton.cdiv(dk, DKB)
     BV = max(16, min(32, triton.next_power_of_2(dv)))
     NV = triton.cdiv(dv, BV)
-    acc = _acc(cd)
+    acc = acc_type(cd)
     prm = torch.tensor([scale, L2NORM_EPS], dtype=cd, device=dev)  # float kernel arguments would be fp32
     u = torch.empty(T, Hv, dk, dtype=cd, device=dev)
     o = torch.empty(Hv, dv, dtype=cd, device=dev)
     delta = torch.empty(T, Hv, dv, dtype=cd, device=dev)
     state = torch.zeros(Hv * NV * 2 * NDK * DKB * BV, dtype=cd, device=dev)  # S_{-1} = 0
     G = Hv // Hk
-    _reverse[(Hv,)](q, k, g, beta, u, prm, T, dk, Hv, q.stride(0), k.stride(0), k.stride(1),
-                    g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
-                    G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DK=DK)
-    _forward[(Hv, NV)](q, k, v, g, beta, u, state, prm, o, delta, T, dk, dv, Hv, NV,
-                       q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                       g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
-                       G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DKB=DKB, NDK=NDK, BV=BV)
+    _launch.launch(_reverse, (Hv,), q, k, g, beta, u, prm, T, dk, Hv, q.stride(0), k.stride(0), k.stride(1),
+                   g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
+                   G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DK=DK)
+    _launch.launch(_forward, (Hv, NV), q, k, v, g, beta, u, state, prm, o, delta, T, dk, dv, Hv, NV,
+                   q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
+                   G=G, L2NORM=bool(qk_l2norm), ACC=acc, BLOCK_T=BLOCK_T, DKB=DKB, NDK=NDK, BV=BV)
     return o, delta
