@@ -154,8 +154,10 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_knockout_cpu(const at::Tensor& q_
   const at::Tensor v = last_dim_contiguous(v_in);
   const at::Tensor g = g_in.to(cd).contiguous();  // [T, Hv]: small next to k and v
   const at::Tensor beta = beta_in.to(cd).contiguous();
-  at::Tensor o = at::empty({Hv, dv}, q.options().dtype(cd));
-  at::Tensor delta = at::empty({T, Hv, dv}, q.options().dtype(cd));
+  // NaN-filled, so that an element the kernel failed to write can never pass for a result.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  at::Tensor o = at::full({Hv, dv}, nan, q.options().dtype(cd));
+  at::Tensor delta = at::full({T, Hv, dv}, nan, q.options().dtype(cd));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "maskvl_gated_delta_knockout", [&] {
     gated_delta_knockout_impl<scalar_t>(q, k, v, g, beta, scale, qk_l2norm, o, delta);
   });

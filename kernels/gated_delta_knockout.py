@@ -18,13 +18,19 @@ Two launches, both chunked over T in chunks of ``BLOCK_T = 16`` positions (the s
    <k_j, k_l> c_l``: a unit upper-triangular system for ``c`` (back substitution over the 16 positions),
    then ``U = e r^T - (D * beta c) K`` by one ``tl.dot``; the carry into the previous chunk is
    ``exp(g_0 + ... + g_{BT-1}) r - sum_j exp(g_0 + ... + g_j) beta_j c_j k_j``. Writes ``u [T, Hv, dk]``.
-2. ``_forward``  grid (Hv, dv blocks): the forward scan with the state block ``S [dk, BV]`` in registers (the
-   columns of S evolve independently). Inside a chunk with start state ``S0``, ``gamma_i = exp(g_0 + ... +
-   g_i)``, ``Din[i, j] = exp(g_{j+1} + ... + g_i)``, ``Dex[i, j] = exp(g_{j+1} + ... + g_{i-1})`` (j < i):
-   ``(I + beta Din * KK^T) W = beta (V - gamma K S0)`` (strictly lower; the WY/UT form of the delta rule,
-   as in transformers' ``torch_chunk_gated_delta_rule``), solved by inverting the unit lower-triangular
-   16 x 16 matrix by forward substitution; then ``Z = S_{i-1}^T u_i = gamma_{i-1} U S0 + (Dex * U K^T) W``,
-   ``delta = -expm1(g) Z - c W`` and ``S <- gamma_{BT-1} S0 + (e K)^T W``. After the last chunk ``o = S^T q``.
+2. ``_forward``  grid (Hv, dv blocks of BV = 32 or less): the forward scan of one state block ``S [dk, BV]``
+   (the columns of S evolve independently). Inside a chunk with start state ``S0``, ``gamma_i = exp(g_0 +
+   ... + g_i)``, ``Din[i, j] = exp(g_{j+1} + ... + g_i)``, ``Dex[i, j] = exp(g_{j+1} + ... + g_{i-1})``
+   (j < i): ``(I + beta Din * KK^T) W = beta (V - gamma K S0)`` (strictly lower; the WY/UT form of the
+   delta rule, as in transformers' ``torch_chunk_gated_delta_rule``), solved by inverting the unit
+   lower-triangular 16 x 16 matrix by forward substitution; then ``Z = S_{i-1}^T u_i = gamma_{i-1} U S0 +
+   (Dex * U K^T) W``, ``delta = -expm1(g) Z - c W`` and ``S <- gamma_{BT-1} S0 + (e K)^T W``. After the
+   last chunk ``o = S^T q``. The block lives in a global scratch, two buffers (chunk c reads one, writes the
+   other; a barrier ends each chunk), and every contraction over dk runs ``DKB = 16`` rows of S at a time,
+   with the key norms applied after the raw products: float32 ``tl.dot`` in IEEE precision lowers to FMAs
+   whose operands sit in registers whole, so ``K S`` over all 128 rows of a register-held state spilled
+   ~16 KB per thread on sm_80/sm_90, and spills nothing this way (``kernels/compile_check.py``). The
+   scratch is ``Hv * dk * dv * 2`` numbers, read twice and written once per chunk of 16 positions.
 
 Every log-decay sum above is formed from only the gates it spans (a masked ``tl.cumsum``, with the gate
 vector loaded once more shifted by one position where the range starts after j), never as a difference
@@ -282,9 +288,10 @@ def gated_delta_knockout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     NV = triton.cdiv(dv, BV)
     acc = acc_type(cd)
     prm = torch.tensor([scale, L2NORM_EPS], dtype=cd, device=dev)  # float kernel arguments would be fp32
-    u = torch.empty(T, Hv, dk, dtype=cd, device=dev)
-    o = torch.empty(Hv, dv, dtype=cd, device=dev)
-    delta = torch.empty(T, Hv, dv, dtype=cd, device=dev)
+    # NaN-filled, so that an element a kernel failed to write can never pass for a result.
+    u = torch.full((T, Hv, dk), float("nan"), dtype=cd, device=dev)
+    o = torch.full((Hv, dv), float("nan"), dtype=cd, device=dev)
+    delta = torch.full((T, Hv, dv), float("nan"), dtype=cd, device=dev)
     state = torch.zeros(Hv * NV * 2 * NDK * DKB * BV, dtype=cd, device=dev)  # S_{-1} = 0
     G = Hv // Hk
     _launch.launch(_reverse, (Hv,), q, k, g, beta, u, prm, T, dk, Hv, q.stride(0), k.stride(0), k.stride(1),

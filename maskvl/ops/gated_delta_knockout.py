@@ -118,6 +118,22 @@ def prepare_inputs(q, k, v, g, beta, scale: float, qk_l2norm: bool):
     return qf, kf, v.to(cd), g.to(cd), beta.to(cd)
 
 
+def reverse_scan(qh: torch.Tensor, kh: torch.Tensor, g: torch.Tensor,
+                 beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u_p = A_{p+1} ... A_{T-1} q_hat`` and ``c_p = <k_p, u_p>`` from prepared inputs (``q_hat [Hv, dk]``,
+    ``k [T, Hv, dk]``, ``g, beta [T, Hv]``): ``u [T, Hv, dk]``, ``c [T, Hv]``."""
+    T, Hv, dk = kh.shape
+    a = g.exp()
+    u = torch.full((T, Hv, dk), float("nan"), dtype=qh.dtype, device=qh.device)
+    c = torch.full((T, Hv), float("nan"), dtype=qh.dtype, device=qh.device)
+    cur = qh
+    for p in range(T - 1, -1, -1):
+        u[p] = cur
+        c[p] = (kh[p] * cur).sum(-1)
+        cur = a[p, :, None] * (cur - (beta[p] * c[p])[:, None] * kh[p])
+    return u, c
+
+
 def gated_delta_knockout_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     scale: float, qk_l2norm: bool = True,
@@ -140,17 +156,10 @@ def gated_delta_knockout_reference(
     dv = vh.shape[2]
     a = gh.exp()
     one_minus_a = -torch.expm1(gh)
-    # Reverse scan: u_p = A_{p+1} ... A_{T-1} q_hat, c_p = <k_p, u_p>.
-    u = torch.empty(T, Hv, dk, dtype=qh.dtype, device=qh.device)
-    c = torch.empty(T, Hv, dtype=qh.dtype, device=qh.device)
-    cur = qh
-    for p in range(T - 1, -1, -1):
-        u[p] = cur
-        c[p] = (kh[p] * cur).sum(-1)
-        cur = a[p, :, None] * (cur - (bh[p] * c[p])[:, None] * kh[p])
+    u, c = reverse_scan(qh, kh, gh, bh)
     # Forward scan: the state before step p gives x_p = S^T k_p and z_p = S^T u_p.
     S = torch.zeros(Hv, dk, dv, dtype=qh.dtype, device=qh.device)
-    delta = torch.empty(T, Hv, dv, dtype=qh.dtype, device=qh.device)
+    delta = torch.full((T, Hv, dv), float("nan"), dtype=qh.dtype, device=qh.device)
     for p in range(T):
         # Elementwise products and sums rather than einsum/bmm: these are tiny per step.
         x = (S * kh[p, :, :, None]).sum(1)
