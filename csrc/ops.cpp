@@ -8,7 +8,8 @@
 static struct PyModuleDef maskvl_c_impl_module = {
     PyModuleDef_HEAD_INIT, "_C_impl",
     "maskvl CPU kernels; importing registers maskvl::{loo_attention, loo_group_attention, head_distances, "
-    "vector_distances, decode_attention} for the CPU dispatch key (import maskvl._C, which imports torch first).",
+    "vector_distances, decode_attention, gated_delta_knockout} for the CPU dispatch key (import maskvl._C, "
+    "which imports torch first).",
     -1, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__C_impl(void) { return PyModule_Create(&maskvl_c_impl_module); }

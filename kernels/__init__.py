@@ -6,7 +6,8 @@ whatever package of that name it finds on ``sys.path``; run from a source checko
 this folder, which must then import cleanly with or without triton (and, lacking a ``__version__``,
 is not taken for the hub package). The submodules import triton:
 
-``loo_attention``, ``loo_group_attention``, ``head_distances``, ``vector_distances``, ``decode_attention``
+``loo_attention``, ``loo_group_attention``, ``head_distances``, ``vector_distances``, ``decode_attention``,
+``gated_delta_knockout``
     one op each: its kernels and the launcher that takes torch tensors
 ``distances``
     the distance formula as a Triton device function (shared by the two distance ops)
@@ -21,4 +22,5 @@ registers the launchers as the CUDA kernels of the ``maskvl::`` ops. Set ``TRITO
 before they are first imported to run them on CPU tensors through the Triton interpreter.
 """
 
-OPS = ("loo_attention", "loo_group_attention", "head_distances", "vector_distances", "decode_attention")
+OPS = ("loo_attention", "loo_group_attention", "head_distances", "vector_distances", "decode_attention",
+       "gated_delta_knockout")

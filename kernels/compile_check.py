@@ -6,7 +6,8 @@
 
 Each case calls a project launcher (``kernels/<op>.py``) with meta tensors (no memory) of the shapes,
 dtypes and strides of a real Qwen3-VL-4B sweep (32 heads, 8 KV heads, head_dim 128, hidden 2560,
-vocabulary 151,936; KV caches as the engine hands them over: transposed views of ``[KV, S, D]``) inside
+vocabulary 151,936; KV caches as the engine hands them over: transposed views of ``[KV, S, D]``; the
+gated-delta-rule knockout at Qwen3.5's linear-attention shapes: 16 key heads, 32 value heads, 128 x 128) inside
 ``kernels._launch.compile_only()``, with a Triton driver that reports the target GPU (compute capability
 8.0 or 9.0) and launches nothing: every kernel is compiled exactly as a real run would specialize it,
 through Triton's own pipeline down to ptxas. A row FAILS on:
@@ -77,6 +78,8 @@ ARCHS = (80, 90)
 # Largest dynamic shared memory per block (CUDA C++ Programming Guide, compute capabilities table).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
+# Qwen3.5 linear-attention (Gated DeltaNet) layers.
+GDN_K_HEADS, GDN_V_HEADS, GDN_DIM = 16, 32, 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 SPILLS_ALLOWED = {"fp64"}
 
@@ -157,6 +160,16 @@ def _decode(dt: torch.dtype, T: int, B: int, sets: int = 0) -> None:
                                                         *extra)
 
 
+def _gated_delta(dt: torch.dtype, T: int) -> None:
+    # q, k, v as the layer makes them (model dtype, contiguous per position); g float32 (float64 in a
+    # float64 model), beta in the model dtype.
+    q, k = _meta(GDN_K_HEADS, GDN_DIM, dtype=dt), _meta(T, GDN_K_HEADS, GDN_DIM, dtype=dt)
+    v = _meta(T, GDN_V_HEADS, GDN_DIM, dtype=dt)
+    g = _meta(T, GDN_V_HEADS, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+    beta = _meta(T, GDN_V_HEADS, dtype=dt)
+    _kernel_module("gated_delta_knockout").gated_delta_knockout(q, k, v, g, beta, GDN_DIM ** -0.5, True)
+
+
 @dataclass(frozen=True)
 class Case:
     """One launcher call: ``op`` at model dtype ``dtype`` and sequence length ``T`` (``label`` adds what
@@ -197,6 +210,10 @@ def all_cases(full: bool = False) -> list[tuple[int, list[Case]]]:
                 n = max(1, T // 16)  # group rows: one per group plus the clean row, each naming its set
                 out.append(Case("decode_attention", d, T, f"prefix={T} sets={n}",
                                 lambda dt=dt, T=T, n=n: _decode(dt, T, n + 1, n)))
+        for d in dtypes_attn:
+            dt = DTYPES[d]
+            for T in Ts:
+                out.append(Case("gated_delta_knockout", d, T, f"T={T}", lambda dt=dt, T=T: _gated_delta(dt, T)))
         return out
 
     attn, dist = list(DTYPES), ["fp32", "fp64"]  # the distance ops receive the compute dtype

@@ -7,7 +7,7 @@
                tensors when the kernels were imported with ``TRITON_INTERPRET=1`` (the interpreter;
                used by CI).
 
-The engine only ever calls a :class:`Backend`'s five methods; what each backend does for an op lives
+The engine only ever calls a :class:`Backend`'s methods (one per op); what each backend does for an op lives
 in that op's file (``run_cpp``, ``run_triton``).
 """
 
@@ -25,13 +25,14 @@ import torch
 from ..errors import InputError
 
 from ..errors import MaskvlError
-from . import decode_attention, head_distances, loo_attention, loo_group_attention, vector_distances
+from . import (decode_attention, gated_delta_knockout, head_distances, loo_attention, loo_group_attention,
+               vector_distances)
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
 # The op modules, each with OP (the qualified name), run_cpp, run_triton and cuda_kernel.
 OP_MODULES: tuple[ModuleType, ...] = (loo_attention, loo_group_attention, head_distances, vector_distances,
-                                      decode_attention)
+                                      decode_attention, gated_delta_knockout)
 
 
 class Backend:
@@ -64,6 +65,11 @@ class Backend:
         return decode_attention.decode_attention_reference(q, k_prefix, v_prefix, k_own, v_own, scale, exclude,
                                                            exclude_sets, exclude_set)
 
+    def gated_delta_knockout(self, q, k, v, g, beta, scale: float, qk_l2norm: bool = True):
+        """``q [Hk, dk]``, ``k [T, Hk, dk]``, ``v [T, Hv, dv]``, ``g, beta [T, Hv]`` ->
+        ``(o [Hv, dv], delta [T, Hv, dv])``; see ``gated_delta_knockout.py``."""
+        return gated_delta_knockout.gated_delta_knockout_reference(q, k, v, g, beta, scale, qk_l2norm)
+
     def __repr__(self) -> str:
         return f"<maskvl backend {self.name}>"
 
@@ -95,6 +101,9 @@ class CppBackend(Backend):
                          exclude_set=None):
         return decode_attention.run_cpp(q, k_prefix, v_prefix, k_own, v_own, scale, exclude, exclude_sets,
                                         exclude_set)
+
+    def gated_delta_knockout(self, q, k, v, g, beta, scale: float, qk_l2norm: bool = True):
+        return gated_delta_knockout.run_cpp(q, k, v, g, beta, scale, qk_l2norm)
 
 
 KERNELS_MODULE = "maskvl._kernels"
@@ -188,6 +197,10 @@ class TritonBackend(Backend):
         self._check(q)
         return decode_attention.run_triton(self._k, q, k_prefix, v_prefix, k_own, v_own, scale, exclude,
                                            exclude_sets, exclude_set)
+
+    def gated_delta_knockout(self, q, k, v, g, beta, scale: float, qk_l2norm: bool = True):
+        self._check(q)
+        return gated_delta_knockout.run_triton(self._k, q, k, v, g, beta, scale, qk_l2norm)
 
 
 def _triton_status(dev: torch.device) -> str | None:

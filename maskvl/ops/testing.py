@@ -203,3 +203,62 @@ def group_bruteforce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         sg[:, list(g)] = float("-inf")
         out.append(torch.einsum("ht,thd->hd", torch.softmax(sg, -1), vh) - o)
     return o, torch.stack(out) if out else o.new_zeros(0, H, D)
+
+
+# --- gated_delta_knockout ---------------------------------------------------------------------------
+# Log-decay ranges of the op tests: exp(g) spread over (0.05, 1); exp(g) ~ 1 (1 - exp(g) ~ 1e-4, where
+# 1 - exp(g) cancels unless formed as -expm1(g), and nothing is forgotten over T = 1025 positions);
+# exp(g) ~ 0 (each write nearly forgotten at the next step: u underflows a few positions back).
+GATES: dict[str, tuple[float, float]] = {"mixed": (-3.0, 0.0), "near1": (-1e-4, 0.0), "near0": (-20.0, -5.0)}
+
+
+def gated_delta_inputs(T: int, Hk: int, Hv: int, dk: int, dv: int, gates: str, seed: int,
+                       dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """Random ``q [T, Hk, dk]`` (all positions, for transformers; the op takes ``q[-1]``), ``k [T, Hk, dk]``,
+    ``v [T, Hv, dv]``, ``g [T, Hv]`` uniform in ``GATES[gates]``, ``beta [T, Hv]`` uniform in (0, 1).
+    Every value is a float32 number, so float32 and float64 cases see the same inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = GATES[gates]
+    q = torch.randn(T, Hk, dk, generator=gen, dtype=torch.float64)
+    k = torch.randn(T, Hk, dk, generator=gen, dtype=torch.float64)
+    v = torch.randn(T, Hv, dv, generator=gen, dtype=torch.float64)
+    g = lo + (hi - lo) * torch.rand(T, Hv, generator=gen, dtype=torch.float64)
+    beta = torch.rand(T, Hv, generator=gen, dtype=torch.float64)
+    return tuple(x.to(torch.float32).to(dtype) for x in (q, k, v, g, beta))
+
+
+def gated_delta_row_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          scale: float, qk_l2norm: bool = True) -> torch.Tensor:
+    """``B [T, Hv]`` (float64): the bound on ``|delta_p|`` from the sizes of the terms it is formed from,
+
+        B_p = |u_p| (|1 - a_p| |S_{p-1}|_F + beta_p |k_p| (|v_p| + a_p |k_p| |S_{p-1}|_F))
+
+    (``delta_p = (1 - a_p) S_{p-1}^T u_p - <k_p, u_p> beta_p (v_p - a_p S_{p-1}^T k_p)``; see
+    ``maskvl/ops/gated_delta_knockout.py``). Rounding in any implementation perturbs ``delta_p`` by a few
+    ulps of these terms, so the op tests measure each row's error relative to ``B_p``: it is ``|delta_p|``
+    itself unless the terms cancel, and it shrinks with ``|u_p|`` (a write forgotten by the final position).
+    Same arguments as the op (``q [Hk, dk]``)."""
+    from .gated_delta_knockout import prepare_inputs, reverse_scan
+
+    qh, kh, vh, gh, bh = prepare_inputs(q.double(), k.double(), v.double(), g.double(), beta.double(), scale,
+                                        qk_l2norm)
+    T, Hv, dk = kh.shape
+    a = gh.exp()
+    u, _ = reverse_scan(qh, kh, gh, bh)
+    un, kn, vn = u.norm(dim=-1), kh.norm(dim=-1), vh.norm(dim=-1)
+    S = torch.zeros(Hv, dk, vh.shape[2], dtype=torch.float64)
+    bound = torch.empty(T, Hv, dtype=torch.float64)
+    for p in range(T):
+        sn = S.flatten(1).norm(dim=-1)
+        bound[p] = un[p] * ((-torch.expm1(gh[p])).abs() * sn + bh[p] * kn[p] * (vn[p] + a[p] * kn[p] * sn))
+        w = bh[p, :, None] * (vh[p] - a[p, :, None] * (S * kh[p, :, :, None]).sum(1))
+        S = a[p, :, None, None] * S + kh[p, :, :, None] * w[:, None, :]
+    return bound
+
+
+def gated_delta_naive_atol(o: torch.Tensor, delta: torch.Tensor) -> float:
+    """The absolute resolution of :func:`~maskvl.ops.gated_delta_knockout.gated_delta_knockout_naive`'s
+    ``delta [T, Hv, dv]``: a float64 difference of two readouts, each a T-step recurrence (with generous
+    headroom for the T steps)."""
+    T = delta.shape[0]
+    return 4 * T * torch.finfo(torch.float64).eps * float(torch.maximum(o.abs().amax(), (o + delta).abs().amax()))
