@@ -13,7 +13,9 @@ Presets (``--list`` prints their cases):
   random ``moe`` shape (hidden 256, 4 layers, GQA 16/2, 64 experts, top-8 routing), 128 image tokens,
   1 step, baseline measured on 1 of the 4 layers; and one text-only case: the same decoder as ``mid``
   as a Qwen3 text model (``Qwen3ForCausalLM``), a 256-token prompt, every text position masked, 1 step
-  (baseline measured on 1 of the 8 layers).
+  (baseline measured on 1 of the 8 layers). And one op case at Qwen3.5's linear-attention shape: the
+  gated-delta-rule knockout (``benchmarks/bench_gated_delta.py``) over 256 positions against transformers'
+  own recurrence run once per position (timed on 4 positions, extrapolated).
 
 The CPU presets pin torch to one intra-op thread on both sides: on a shared 2-core container, OpenMP's
 spin-waiting under oversubscription made the same sweep vary from 0.7 to 4.4 s with 2 threads (0.19 to
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,6 +59,9 @@ PRESETS: dict[str, dict] = {
             Case("ci-moe-img128-s1", "moe", 128, 1, naive_layers=1),
             Case("ci-text-mid-tok256-s1", "text-mid", 0, 1, naive_layers=1, mask_mode="text", prompt_tokens=256),
         ],
+        # Qwen3.5's linear-attention layers: the gated-delta-rule knockout op (positions T) against the naive
+        # per-position recurrence (bench_gated_delta.run_case).
+        "gated_delta": [256],
     },
     "scaling": {
         "device": "cpu", "dtype": "float32", "repeats": 3, "threads": 1,
@@ -85,6 +91,7 @@ PRESETS: dict[str, dict] = {
         "cases": [
             Case("gpu-4b-img1024-s3", "4b", 1024, 3, naive_layers=4, naive_positions=128),
         ],
+        "gated_delta": [4096],
     },
     "gpu-scaling": {
         "device": "cuda", "dtype": "bfloat16", "repeats": 3, "threads": 0,
@@ -176,8 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         note = "naive extrapolated" if r["naive_extrapolated"] else ""
         print(f"{r['name']:48s} {r['naive_s']:10.2f} {r['fast_s']:9.3f} {r['speedup']:9.1f} "
               f"{r['tokens_per_s']:10.0f} {r['peak_mem_mb']:8.0f}  {note}")
+    op_records = []
+    if args.preset and not args.cases:
+        from benchmarks import bench_gated_delta
+
+        for T in preset.get("gated_delta", []):
+            rec = bench_gated_delta.run_case(T, args.dtype or preset["dtype"], device.type, repeat=repeats)
+            print(bench_gated_delta.format_record(rec), flush=True)
+            op_records.append(rec)
     if args.json:
-        print(f"wrote {len(records)} records to {os.path.abspath(args.json)}")
+        if op_records:
+            from maskvl.io import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(records + op_records, indent=1))
+        print(f"wrote {len(records) + len(op_records)} records to {os.path.abspath(args.json)}")
     return 0
 
 

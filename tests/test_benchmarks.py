@@ -153,3 +153,15 @@ def test_presets_are_well_formed():
     ci = bench_run.PRESETS["ci"]["cases"]
     assert {"mid", "moe"} <= {c.shape for c in ci} and get_shape("moe").num_experts > 0
     assert any(get_shape(c.shape).text_only for c in ci)
+
+
+def test_gated_delta_case_in_the_presets():
+    """The CI and GPU presets time the gated-delta-rule knockout against the per-position recurrence; a
+    small case runs here and its closed form agrees with the naive runs it timed."""
+    from benchmarks import bench_gated_delta
+
+    assert bench_run.PRESETS["ci"]["gated_delta"] and bench_run.PRESETS["gpu"]["gated_delta"]
+    rec = bench_gated_delta.run_case(16, naive_positions=3, repeat=1, backends=["reference"])
+    assert rec["naive_extrapolated"] and rec["naive_s"] > 0 and rec["speedup"]["reference"] > 0
+    assert rec["max_rel_err_vs_naive"]["reference"] < 1e-4
+    assert "gdn-T16" in bench_gated_delta.format_record(rec)
