@@ -106,6 +106,11 @@ def cli_sweep(family: str, tmp_path: Path, run_main: Any, prompt: str = "Hello t
     assert set(df.token_kind) == {"text"} and df.image_index.isna().all()
     assert set(df.variant) == {"Full", "Attn", "Logits"} | {f"Head_{h}" for h in range(4)}
     assert np.isfinite(df.l2_distance).all() and df.l2_distance.dtype == np.float64
+    # render and view take the file unchanged (text chips only, no image panels)
+    code, out, err = run_main(["render", str(o), "-o", str(tmp_path / "r.png")])
+    assert code == 0 and (tmp_path / "r.png").stat().st_size > 5_000, err
+    code, out, err = run_main(["view", str(o), "-o", str(tmp_path / "v.html")])
+    assert code == 0 and (tmp_path / "v.html").stat().st_size > 10_000, err
     # Text-only: images and --mask-mode vision are one-line errors (exit 2).
     img = tmp_path / "x.png"
     from PIL import Image
