@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for c in cases:
             print(c)
+        for T in (preset.get("gated_delta", []) if args.preset else []):
+            print(f"gdn-T{T}: the gated-delta-rule knockout op, {T} positions (benchmarks/bench_gated_delta.py)")
         return 0
     device = torch.device(args.device or preset["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -184,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:48s} {r['naive_s']:10.2f} {r['fast_s']:9.3f} {r['speedup']:9.1f} "
               f"{r['tokens_per_s']:10.0f} {r['peak_mem_mb']:8.0f}  {note}")
     op_records = []
-    if args.preset and not args.cases:
+    if args.preset:
         from benchmarks import bench_gated_delta
 
-        for T in preset.get("gated_delta", []):
+        # --cases selects them by name too (gdn-T<positions>)
+        op_T = [T for T in preset.get("gated_delta", [])
+                if not args.cases or any(key in f"gdn-T{T}" for key in args.cases.split(","))]
+        for T in op_T:
             rec = bench_gated_delta.run_case(T, args.dtype or preset["dtype"], device.type, repeat=repeats)
             print(bench_gated_delta.format_record(rec), flush=True)
             op_records.append(rec)

@@ -29,6 +29,7 @@ class GptOssAdapter(TextDecoderAdapter):
     """Adapter over a loaded ``GptOssForCausalLM`` and its tokenizer."""
 
     MODEL_TYPES = ("gpt_oss",)
+    MOE = True
     WINDOWS = "layer_types"
     TOKENIZER_STYLE = "harmony"
     ATTN_IMPLEMENTATION = "eager"
@@ -37,12 +38,6 @@ class GptOssAdapter(TextDecoderAdapter):
                    "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                        "truncate": False, "original_max_position_embeddings": 512,
                                        "rope_theta": 150000.0}}
-
-    def __init__(self, model: Any, tokenizer: Any, model_id: str):
-        if next(model.parameters()).dtype == torch.float64:
-            # transformers' default experts kernel rejects float64; the eager loop is the same computation.
-            model.set_experts_implementation("eager")
-        super().__init__(model, tokenizer, model_id)
 
     @classmethod
     def tiny_config(cls, tokenizer: Any, **shape: Any) -> dict[str, Any]:

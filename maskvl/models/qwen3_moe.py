@@ -22,15 +22,9 @@ class Qwen3MoeAdapter(TextDecoderAdapter):
     """Adapter over a loaded ``Qwen3MoeForCausalLM`` and its tokenizer."""
 
     MODEL_TYPES = ("qwen3_moe",)
+    MOE = True
     WINDOWS = "all"
     TINY_CONFIG = {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1}
-
-    def __init__(self, model: Any, tokenizer: Any, model_id: str):
-        if next(model.parameters()).dtype == torch.float64:
-            # transformers' default experts kernel (grouped_mm) rejects float64; the eager loop over the
-            # experts is the same computation.
-            model.set_experts_implementation("eager")
-        super().__init__(model, tokenizer, model_id)
 
     @classmethod
     def tiny_config(cls, tokenizer: Any, **shape: Any) -> dict[str, Any]:

@@ -43,12 +43,18 @@ class TextDecoderAdapter(TransformersDecoderAdapter):
     #: transformers' attention implementation for the clean pass (the measured numbers do not depend on
     #: it: maskvl recomputes the final query's attention itself); "eager" where a family has no sdpa.
     ATTN_IMPLEMENTATION: ClassVar[str] = "sdpa"
+    #: Whether the family has transformers' MoE experts (float64 runs switch them to the eager loop).
+    MOE: ClassVar[bool] = False
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str):
         for part in ("model", "lm_head"):
             if not hasattr(model, part):
                 raise InputError(f"expected a transformers *ForCausalLM model (with .model and .lm_head), "
                                  f"got {type(model).__name__}")
+        if self.MOE and next(model.parameters()).dtype == torch.float64:
+            # transformers' default experts kernel (grouped_mm) rejects float64; the eager loop over the
+            # experts is the same computation.
+            model.set_experts_implementation("eager")
         self._setup(model, tokenizer, model_id, model.model, model.lm_head, model.config)
         self._windows = [self._config_window(i) for i in range(self.num_layers)]
 
