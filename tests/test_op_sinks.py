@@ -12,16 +12,18 @@ from maskvl.ops import get_backend, sinks
 from maskvl.ops.decode_attention import decode_attention_reference
 from maskvl.ops.testing import compiled_backend
 
-BACKENDS = ["reference", "cpp", "triton"]
+# The Triton cases run on CUDA under `make gpu-check` (-m cuda), else in the interpreter.
+BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.cuda)]
 # (T, D, H, KV): odd sequence and head sizes, GQA 1 and 3, a single key
 SHAPES = [(97, 48, 6, 2), (33, 24, 4, 4), (1, 16, 3, 1)]
 SINK_LEVELS = {"negligible": -30.0, "comparable": 0.0, "dominant": 25.0}
 
 
 def _backend(name):
+    """The backend and the device its inputs go to."""
     if name == "reference":
-        return get_backend("reference")
-    return compiled_backend(name)[0]
+        return get_backend("reference"), torch.device("cpu")
+    return compiled_backend(name)
 
 
 def _inputs(T, D, H, KV, dtype, seed, peaked=False):
@@ -57,12 +59,12 @@ def test_loo_with_sinks(backend, level, peaked, dtype, shape):
     T, D, H, KV = shape
     q, k, v, c = _inputs(T, D, H, KV, dtype, seed=T + D, peaked=peaked and T > 1)
     c = c + SINK_LEVELS[level]
-    be = _backend(backend)
-    o, delta = be.loo_attention(q, k, v, 0.3)
-    o_s, delta_s = sinks.loo_attention(o, delta, q, k, 0.3, c)
+    be, dev = _backend(backend)
+    o, delta = be.loo_attention(q.to(dev), k.to(dev), v.to(dev), 0.3)
+    o_s, delta_s = sinks.loo_attention(o, delta, q.to(dev), k.to(dev), 0.3, c.to(dev))
     want_o, want_d = sinks.masked_outputs_reference(q, k, v, 0.3, c, [[p] for p in range(T)])
-    _close(o_s, want_o, dtype, "o")
-    _close(delta_s, want_d, dtype, "delta")
+    _close(o_s.cpu(), want_o, dtype, "o")
+    _close(delta_s.cpu(), want_d, dtype, "delta")
 
 
 def _groups(T: int) -> list[list[int]]:
@@ -81,9 +83,10 @@ def test_groups_with_sinks(backend, level, peaked, shape):
     groups = _groups(T)
     members = torch.tensor([p for g in groups for p in g], dtype=torch.int64)
     offsets = torch.tensor([0] + [len(g) for g in groups]).cumsum(0)
-    be = _backend(backend)
-    o, delta = be.loo_group_attention(q, k, v, 0.3, members, offsets)
-    o_s, delta_s = sinks.loo_group_attention(o, delta, q, k, 0.3, members, offsets, c)
+    be, dev = _backend(backend)
+    o, delta = be.loo_group_attention(q.to(dev), k.to(dev), v.to(dev), 0.3, members.to(dev), offsets.to(dev))
+    o_s, delta_s = sinks.loo_group_attention(o, delta, q.to(dev), k.to(dev), 0.3, members, offsets, c.to(dev))
+    o_s, delta_s = o_s.cpu(), delta_s.cpu()
     want_o, want_d = sinks.masked_outputs_reference(q, k, v, 0.3, c, groups)
     _close(o_s, want_o, torch.float64, "o")
     _close(delta_s, want_d, torch.float64, "delta")
@@ -106,9 +109,11 @@ def test_decode_with_sinks(backend, level, dtype):
     sets[0, 10:20] = True
     sets[1, :] = True  # every key: the row keeps only the sink
     exclude_set = torch.tensor([-1, -1, 0, -1, -1, 0, -1, 1, -1])
-    be = _backend(backend)
-    out = be.decode_attention(q, kp, vp, ko, vo, 0.4, exclude, sets, exclude_set)
-    got = sinks.decode_attention(out, q, kp, ko, 0.4, exclude, sets, exclude_set, c)
+    be, dev = _backend(backend)
+    out = be.decode_attention(*(t.to(dev) for t in (q, kp, vp, ko, vo)), 0.4, exclude.to(dev), sets.to(dev),
+                              exclude_set.to(dev))
+    got = sinks.decode_attention(out, q.to(dev), kp.to(dev), ko.to(dev), 0.4, exclude, sets, exclude_set,
+                                 c.to(dev)).cpu()
     want = decode_attention_reference(q, kp, vp, ko, vo, 0.4, exclude, sets, exclude_set, sinks=c)
     _close(got, want, dtype, "decode")
     assert torch.equal(got[7], torch.zeros_like(got[7]))
