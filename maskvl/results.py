@@ -493,7 +493,7 @@ class Sweep:
     def _per_token(self, what: str) -> None:
         if self.groups:
             raise InputError(f"{what} reads single-token rows; this is a group run (mask_groups): use "
-                             f"grid()/maps() for image groups, or to_pandas() and .groups")
+                             f"top(), grid()/maps() for image groups, or to_pandas() and .groups")
 
     def text(self, step: int = 0, layer: int | None = None, variant: str = "Full", metric: str = "l2") -> Any:
         """The text tokens of ``step``'s sequence with their values at ``layer``: a pandas DataFrame with
@@ -519,10 +519,13 @@ class Sweep:
             variant: str = "Full", metric: str = "l2", kind: str | None = None) -> Any:
         """The ``k`` masked tokens with the largest values over the selection (default: every step and
         layer), largest first: a pandas DataFrame with step, layer, position, token, kind, image, patch
-        row/col and the metric's column. ``kind``: ``"image"``, ``"text"`` or None for both."""
+        row/col and the metric's column. ``kind``: ``"image"``, ``"text"`` or None for both.
+
+        In a group run (``mask_groups``) the rows are groups: step, layer, ``group_index``, its label,
+        spec, image (null unless within one image), size and the metric's column; ``kind="image"`` keeps
+        the groups within one image, ``"text"`` the others."""
         import pandas as pd
 
-        self._per_token("top()")
         if not _is_int(k) or k < 1:
             raise InputError(f"k must be a positive integer (got {k!r})")
         if kind not in (None, "image", "text"):
@@ -531,11 +534,14 @@ class Sweep:
         layers_l = self._many(layers, self._layer, self.layers)
         variant = self._variant(variant)
         col = self._metric(metric, [variant])
-        cols = ["token_position", "image_index", "patch_row", "patch_col", col]
+        grouped = bool(self.groups)
+        in_image = np.array([g.get("image_index") is not None for g in self.groups], bool)
+        cols = ["group_index", col] if grouped else ["token_position", "image_index", "patch_row", "patch_col", col]
         best: dict[str, np.ndarray] | None = None
         for r in self._rows(steps_l, layers_l, [variant], cols):
             if kind is not None:
-                keep = (r["image_index"] >= 0) if kind == "image" else (r["image_index"] < 0)
+                image_rows = in_image[r["group_index"]] if grouped else r["image_index"] >= 0
+                keep = image_rows if kind == "image" else ~image_rows
                 r = {c: v[keep] for c, v in r.items()}
             # Candidates stay bounded: at most k rows survive from everything read so far.
             if best is not None:
@@ -544,6 +550,8 @@ class Sweep:
             if len(ok) > k:
                 ok = ok[np.argpartition(-r[col][ok], k - 1)[:k]]
             best = {c: v[ok] for c, v in r.items()}
+        if grouped:
+            return self._top_groups(best, col)
         names = ["generation_step", "layer", "token_position", "token", "token_kind", "image_index", "patch_row",
                  "patch_col", col]
         if best is None:
@@ -567,6 +575,27 @@ class Sweep:
             "image_index": nullable("image_index"),
             "patch_row": nullable("patch_row"),
             "patch_col": nullable("patch_col"),
+            col: best[col],
+        }, columns=names)
+
+    def _top_groups(self, best: dict[str, np.ndarray] | None, col: str) -> Any:
+        """:meth:`top`'s table for a group run from its selected rows (largest first)."""
+        import pandas as pd
+
+        names = ["generation_step", "layer", "group_index", "label", "spec", "image_index", "size", col]
+        if best is None:
+            return pd.DataFrame(columns=names)
+        order = np.lexsort((best["group_index"], best["layer"], best["generation_step"], -best[col]))
+        best = {c: v[order] for c, v in best.items()}
+        info = [self.groups[int(g)] for g in best["group_index"]]
+        return pd.DataFrame({
+            "generation_step": best["generation_step"],
+            "layer": best["layer"],
+            "group_index": best["group_index"],
+            "label": [g["label"] for g in info],
+            "spec": [g["spec"] for g in info],
+            "image_index": pd.array([g.get("image_index") for g in info], dtype="Int64"),
+            "size": [len(g["positions"]) for g in info],
             col: best[col],
         }, columns=names)
 

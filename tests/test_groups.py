@@ -228,8 +228,15 @@ def test_sweep_object_reads_group_runs(tiny_dir, images, tmp_path):
     assert all(np.unique(maps[s, l]).size == 1 for s in range(2) for l in range(2))
     with pytest.raises(InputError, match="group run"):
         sw.text()
-    with pytest.raises(InputError, match="group run"):
-        sw.top(3)
+    top = sw.top(3, variant="Attn", metric="cosine")
+    assert list(top.columns) == ["generation_step", "layer", "group_index", "label", "spec", "image_index", "size",
+                                 "cosine_distance"]
+    want = df[df.variant == "Attn"].nlargest(3, "cosine_distance")["cosine_distance"].to_numpy()
+    assert np.array_equal(top["cosine_distance"].to_numpy(), want)
+    assert all(sw.groups[g]["label"] == lab for g, lab in zip(top.group_index, top.label))
+    text_groups = sw.top(10, kind="text")
+    assert set(text_groups.group_index) == {3} and text_groups.image_index.isna().all()
+    assert set(sw.top(50, kind="image").group_index) == {0, 1, 2}
     fig = sw.plot(layers=[2], variant="Attn")
     assert len(fig.axes) >= 2
 
