@@ -1,0 +1,63 @@
+"""Qwen3.5's linear-attention layer read through maskvl.models.qwen3_5_linear and the gated-delta-rule
+knockout op, against transformers' own ``Qwen3_5GatedDeltaNet`` run once clean and once per position with
+that position's write skipped (``skip_write``: g_p = 0, beta_p = 0), keeping the final position's output.
+
+transformers runs g, the rule and the gated norm in float32 even in a float64 layer, so the two agree
+to float32's resolution of the output (1e-5 of its largest element), not to float64's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskvl.models.qwen3_5_linear import linear_inputs, linear_output, linear_scale, skip_write
+from maskvl.ops import Backend
+from maskvl.ops.testing import compiled_backend
+
+BACKENDS = ["reference", "cpp"]
+# (T, Hk, Hv, dk, dv): grouped and ungrouped value heads, odd head dims, T below and above one
+# transformers chunk (64) and T = 1.
+SHAPES = [(1, 2, 4, 24, 20), (23, 2, 4, 24, 20), (97, 3, 3, 16, 12)]
+
+
+def _layer(Hk: int, Hv: int, dk: int, dv: int, seed: int):
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    cfg = Qwen3_5TextConfig(hidden_size=40, num_hidden_layers=1, layer_types=["linear_attention"],
+                            linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=dk,
+                            linear_value_head_dim=dv, linear_conv_kernel_dim=4, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, intermediate_size=32, vocab_size=64)
+    torch.manual_seed(seed)
+    layer = Qwen3_5GatedDeltaNet(cfg, layer_idx=0).double().eval()
+    with torch.no_grad():  # away from the initial values (dt_bias 1, norm weight 1) so each term matters
+        layer.dt_bias.uniform_(-2.0, 2.0)
+        layer.A_log.uniform_(-1.0, 1.0)
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.conv1d.weight.normal_(0.0, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("T,Hk,Hv,dk,dv", SHAPES, ids=[f"T{s[0]}-Hk{s[1]}-Hv{s[2]}-dk{s[3]}-dv{s[4]}" for s in SHAPES])
+def test_linear_layer_knockout_matches_transformers_layer(backend_name, T, Hk, Hv, dk, dv):
+    backend, dev = (Backend(), torch.device("cpu")) if backend_name == "reference" else compiled_backend(backend_name)
+    layer = _layer(Hk, Hv, dk, dv, seed=T)
+    x = torch.randn(T, 40, dtype=torch.float64)
+    with torch.no_grad():
+        clean = layer(x[None])[0, -1]  # [hidden]
+        q, k, v, g, beta, z = linear_inputs(layer, x)
+        o, delta = backend.gated_delta_knockout(*(t.to(dev) for t in (q[-1], k, v, g, beta)), linear_scale(layer), True)
+        o, delta = o.cpu(), delta.cpu()
+        atol = 1e-5 * float(clean.abs().max())
+        torch.testing.assert_close(linear_output(layer, o, z[-1]), clean, rtol=0.0, atol=atol)
+        for p in range(T):
+            with skip_write(layer, p):
+                knocked = layer(x[None])[0, -1]
+            ours = linear_output(layer, o + delta[p], z[-1])
+            torch.testing.assert_close(ours, knocked, rtol=0.0, atol=atol, msg=lambda m: f"p={p}: {m}")
+        # The final position's own write moves the output far beyond the tolerance: the check can fail.
+        assert float((linear_output(layer, o + delta[-1], z[-1]) - clean).abs().max()) > 1e3 * atol
+    # skip_write leaves no hook behind.
+    with torch.no_grad():
+        assert torch.equal(layer(x[None])[0, -1], clean)
