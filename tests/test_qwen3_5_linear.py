@@ -61,3 +61,29 @@ def test_linear_layer_knockout_matches_transformers_layer(backend_name, T, Hk, H
     # skip_write leaves no hook behind.
     with torch.no_grad():
         assert torch.equal(layer(x[None])[0, -1], clean)
+
+
+@pytest.mark.parametrize("T", [1, 2, 23], ids=lambda t: f"T{t}")
+def test_final_step_on_shared_states_matches_full_recurrence(T):
+    """final_step (each row's own single step on the shared clean conv tail and state) against the whole
+    sequence with the final input replaced, read through linear_inputs and the op's reference: float64
+    to 1e-12 relative; and against transformers' layer to float32's resolution. T = 1, 2 are shorter
+    than the conv kernel (zero tail rows)."""
+    from maskvl.models.qwen3_5_linear import final_step, prefix_state
+    from maskvl.ops.gated_delta_knockout import gated_delta_knockout_reference
+
+    layer = _layer(2, 4, 24, 20, seed=100 + T)
+    x = torch.randn(T, 40, dtype=torch.float64)
+    rows = torch.randn(3, 40, dtype=torch.float64)
+    with torch.no_grad():
+        tail, S = prefix_state(layer, x[:-1])
+        got = final_step(layer, rows, tail, S)
+        assert got.shape == (3, 40)
+        for i in range(3):
+            full = torch.cat([x[:-1], rows[i:i + 1]])
+            q, k, v, g, beta, z = linear_inputs(layer, full)
+            o, _ = gated_delta_knockout_reference(q[-1], k, v, g, beta, linear_scale(layer), True)
+            want = linear_output(layer, o, z[-1])
+            torch.testing.assert_close(got[i], want, rtol=0.0, atol=1e-12 * float(want.abs().max()))
+            theirs = layer(full[None])[0, -1]
+            torch.testing.assert_close(got[i], theirs, rtol=0.0, atol=1e-5 * float(theirs.abs().max()))

@@ -93,3 +93,71 @@ def skip_write(module: nn.Module, p: int) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    # transformers' l2norm (eps 1e-6 inside the root), as maskvl.ops.gated_delta_knockout.
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def prefix_state(module: nn.Module, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean states the final position's step starts from, given the inputs of every earlier position.
+
+    ``x_prev [T-1, hidden]`` (``T-1`` may be 0). Returns the conv tail ``[K-1, C]`` (in_proj_qkv of the
+    last ``K-1`` earlier positions, zero rows before the sequence's start) and the recurrent state
+    ``S [Hv, dk, dv]`` after position ``T-2`` (zeros for an empty prefix), in ``x_prev``'s dtype: a
+    plain recurrence, O(T dk dv) per head.
+    """
+    K = module.conv_kernel_size
+    C = module.conv_dim
+    S = x_prev.new_zeros(module.num_v_heads, module.head_k_dim, module.head_v_dim)
+    tail = x_prev.new_zeros(K - 1, C)
+    n = x_prev.shape[0]
+    if n == 0:
+        return tail, S
+    pre = module.in_proj_qkv(x_prev)
+    m = min(K - 1, n)
+    tail[K - 1 - m:] = pre[n - m:]
+    _q, k, v, g, beta, _z = linear_inputs(module, x_prev)
+    k = _l2norm(k).repeat_interleave(module.num_v_heads // module.num_k_heads, dim=1)
+    for t in range(n):
+        a = g[t].exp()[:, None, None]
+        S = a * S
+        w = beta[t][:, None] * (v[t] - torch.einsum("hkv,hk->hv", S, k[t]))
+        S = S + k[t][:, :, None] * w[:, None, :]
+    return tail, S
+
+
+def final_step(module: nn.Module, x_rows: torch.Tensor, tail: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """The layer's output at the final position for ``N`` alternative inputs of that position.
+
+    ``x_rows [N, hidden]``: the final position's layer input, one row per alternative (for Logits rows:
+    each masked row's own input); ``tail [K-1, C]`` and ``S [Hv, dk, dv]`` from :func:`prefix_state`,
+    shared by every row (no row copies the state). Each row's single step::
+
+        c = act(conv over tail and the row's own in_proj_qkv),  q, k, v, g, beta, z from it
+        o = a S^T q + (k . q) beta (v - a S^T k),   a = exp(g)       (= (a S + k w^T)^T q)
+
+    Returns ``[N, hidden]``: O(N Hv dk dv), like one decode step per row.
+    """
+    N = x_rows.shape[0]
+    weight = module.conv1d.weight[:, 0, :].to(x_rows.dtype)  # [C, K]
+    pre = module.in_proj_qkv(x_rows)  # [N, C]
+    conv = (tail * weight[:, :-1].T).sum(0) + pre * weight[:, -1]
+    if module.conv1d.bias is not None:
+        conv = conv + module.conv1d.bias
+    conv = ACT2FN[module.activation](conv)
+    q, k, v = torch.split(conv, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
+    G = module.num_v_heads // module.num_k_heads
+    q = (_l2norm(q.reshape(N, module.num_k_heads, module.head_k_dim)) * linear_scale(module)).repeat_interleave(G, 1)
+    k = _l2norm(k.reshape(N, module.num_k_heads, module.head_k_dim)).repeat_interleave(G, 1)
+    v = v.reshape(N, module.num_v_heads, module.head_v_dim)
+    beta = module.in_proj_b(x_rows).sigmoid()
+    a = (-module.A_log.to(x_rows.dtype).exp()
+         * F.softplus(module.in_proj_a(x_rows) + module.dt_bias.to(x_rows.dtype))).exp()  # [N, Hv]
+    z = module.in_proj_z(x_rows).reshape(N, module.num_v_heads, module.head_v_dim)
+    Sq = torch.einsum("hkv,nhk->nhv", S, q)
+    Sk = torch.einsum("hkv,nhk->nhv", S, k)
+    w = beta[..., None] * (v - a[..., None] * Sk)
+    o = a[..., None] * Sq + (k * q).sum(-1, keepdim=True) * w
+    return linear_output(module, o, z)
