@@ -87,3 +87,26 @@ def test_final_step_on_shared_states_matches_full_recurrence(T):
             torch.testing.assert_close(got[i], want, rtol=0.0, atol=1e-12 * float(want.abs().max()))
             theirs = layer(full[None])[0, -1]
             torch.testing.assert_close(got[i], theirs, rtol=0.0, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_head_output_is_out_proj_on_one_heads_slice():
+    """Head_N rows of a linear layer: out_proj applied to value head N's slice of the gated norm's output
+    (the other heads zeroed); the heads' shares sum to the layer's output (float64, 1e-12)."""
+    from maskvl.models.qwen3_5_linear import gated_norm, head_output
+
+    layer = _layer(2, 4, 24, 20, seed=7)
+    core = torch.randn(3, 4, 20, dtype=torch.float64)
+    z = torch.randn(3, 4, 20, dtype=torch.float64)
+    with torch.no_grad():
+        normed = gated_norm(layer, core, z)
+        total = linear_output(layer, core, z)
+        shares = [head_output(layer, normed, h) for h in range(4)]
+        for h in range(4):
+            only = torch.zeros_like(normed)
+            only[:, h] = normed[:, h]
+            want = layer.out_proj(only.reshape(3, -1))
+            torch.testing.assert_close(shares[h], want, rtol=0.0, atol=1e-12 * float(want.abs().max()))
+        torch.testing.assert_close(sum(shares), total, rtol=0.0, atol=1e-12 * float(total.abs().max()))
+        # gated_norm is transformers' Qwen3_5RMSNormGated (which normalises in float32) to its resolution.
+        theirs = layer.norm(core.reshape(-1, 20), z.reshape(-1, 20)).reshape(3, 4, 20)
+        torch.testing.assert_close(normed, theirs, rtol=0.0, atol=1e-6 * float(theirs.abs().max()))
