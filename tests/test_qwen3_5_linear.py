@@ -20,16 +20,20 @@ BACKENDS = ["reference", "cpp"]
 SHAPES = [(1, 2, 4, 24, 20), (23, 2, 4, 24, 20), (97, 3, 3, 16, 12)]
 
 
-def _layer(Hk: int, Hv: int, dk: int, dv: int, seed: int):
-    from transformers import Qwen3_5TextConfig
-    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+def _layer(Hk: int, Hv: int, dk: int, dv: int, seed: int, family: str = "qwen3_5"):
+    if family == "qwen3_5":
+        from transformers import Qwen3_5TextConfig as Config
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet as Layer
+    else:
+        from transformers import Qwen3_5MoeTextConfig as Config
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeGatedDeltaNet as Layer
 
-    cfg = Qwen3_5TextConfig(hidden_size=40, num_hidden_layers=1, layer_types=["linear_attention"],
+    cfg = Config(hidden_size=40, num_hidden_layers=1, layer_types=["linear_attention"],
                             linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=dk,
                             linear_value_head_dim=dv, linear_conv_kernel_dim=4, num_attention_heads=2,
                             num_key_value_heads=1, head_dim=16, intermediate_size=32, vocab_size=64)
     torch.manual_seed(seed)
-    layer = Qwen3_5GatedDeltaNet(cfg, layer_idx=0).double().eval()
+    layer = Layer(cfg, layer_idx=0).double().eval()
     with torch.no_grad():  # away from the initial values (dt_bias 1, norm weight 1) so each term matters
         layer.dt_bias.uniform_(-2.0, 2.0)
         layer.A_log.uniform_(-1.0, 1.0)
@@ -38,11 +42,16 @@ def _layer(Hk: int, Hv: int, dk: int, dv: int, seed: int):
     return layer
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("T,Hk,Hv,dk,dv", SHAPES, ids=[f"T{s[0]}-Hk{s[1]}-Hv{s[2]}-dk{s[3]}-dv{s[4]}" for s in SHAPES])
-def test_linear_layer_knockout_matches_transformers_layer(backend_name, T, Hk, Hv, dk, dv):
+# qwen3_5_moe's linear layer (Qwen3_5MoeGatedDeltaNet) is the same layer under another name: one shape.
+CASES = ([(b, "qwen3_5") + s for b in BACKENDS for s in SHAPES]
+         + [("reference", "qwen3_5_moe") + SHAPES[1]])
+
+
+@pytest.mark.parametrize("backend_name,family,T,Hk,Hv,dk,dv", CASES,
+                         ids=[f"{c[0]}-{c[1]}-T{c[2]}-Hk{c[3]}-Hv{c[4]}-dk{c[5]}-dv{c[6]}" for c in CASES])
+def test_linear_layer_knockout_matches_transformers_layer(backend_name, family, T, Hk, Hv, dk, dv):
     backend, dev = (Backend(), torch.device("cpu")) if backend_name == "reference" else compiled_backend(backend_name)
-    layer = _layer(Hk, Hv, dk, dv, seed=T)
+    layer = _layer(Hk, Hv, dk, dv, seed=T, family=family)
     x = torch.randn(T, 40, dtype=torch.float64)
     with torch.no_grad():
         clean = layer(x[None])[0, -1]  # [hidden]
