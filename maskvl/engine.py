@@ -46,6 +46,20 @@ def _attend_with_sinks(decode_attention: Callable[..., torch.Tensor], sink: torc
     out = decode_attention(q, k_prefix, v_prefix, k_own, v_own, scale, exclude, exclude_sets, exclude_set)
     return sinks.decode_attention(out, q, k_prefix, k_own, scale, exclude, exclude_sets, exclude_set, sink)
 
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 4, 5]`` -> ``"0-2, 4-5"``."""
+    out: list[str] = []
+    vals = sorted(values)
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
 @dataclass
 class SweepConfig:
     """What the engine measures: the engine's view of the sweep options (``maskvl.options``).
@@ -237,7 +251,7 @@ class Engine:
 
     def _gram(self, layer: int) -> torch.Tensor:
         if layer not in self._grams:
-            self._grams[layer] = head_grams(self.adapter.o_proj_weight(layer), self.adapter.num_heads, self.cd)
+            self._grams[layer] = head_grams(self.adapter.o_proj_weight(layer), self.adapter.layer_heads(layer), self.cd)
         return self._grams[layer]
 
     def window_start(self, layer: int, seq_len: int) -> int:
@@ -246,18 +260,12 @@ class Engine:
         w = self.adapter.attention_window(layer)
         return 0 if w is None else max(0, seq_len - w)
 
-    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor | None,
-                      groups: GroupSet | None = None) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
-        """Every variant of ``layer`` for every masked position in ``positions [P]``, or, with
-        ``groups``, for every group of positions removed together (then ``positions`` is unused).
-
-        Also returns the clean layer update ``[d]`` and the masked updates' deltas ``[P, d]`` (the
-        Logits measure continues from them). At a sliding-window layer only the keys inside the final
-        query's window are measured; removing any other key changes nothing there, so its rows are
-        exact zeros (l2 and cosine distance 0, delta 0).
-        """
+    def _attention_deltas(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor | None,
+                          groups: GroupSet | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Softmax attention at ``layer``: the clean head outputs ``o [H, D]``, the masked rows' deltas
+        ``[P, H, D]`` (P: the masked positions or groups inside the final query's window) and ``inside``
+        (their indices among all, None when all are inside)."""
         a = self.adapter
-        cd = self.cd
         k, v = a.kv(cache, layer)  # [T, KV, D]
         lo = self.window_start(layer, k.shape[0])
         # Learned sinks (GPT-OSS) stay in the softmax denominator: the sink-free op's result is corrected
@@ -284,6 +292,37 @@ class Engine:
                                                         offsets)  # [H, D], [NG_in, H, D]
             if sink is not None:
                 o, delta = sinks.loo_group_attention(o, delta, cap.q[layer], k, a.scale, members, offsets, sink)
+        return o, delta, inside
+
+    def measure_layer(self, cap: Capture, cache: Any, layer: int, positions: torch.Tensor | None,
+                      groups: GroupSet | None = None) -> tuple[LayerResult, torch.Tensor, torch.Tensor]:
+        """Every variant of ``layer`` for every masked position in ``positions [P]``, or, with
+        ``groups``, for every group of positions removed together (then ``positions`` is unused).
+
+        Also returns the clean layer update ``[d]`` and the masked updates' deltas ``[P, d]`` (the
+        Logits measure continues from them). At a sliding-window layer only the keys inside the final
+        query's window are measured; removing any other key changes nothing there, so its rows are
+        exact zeros (l2 and cosine distance 0, delta 0).
+        """
+        a = self.adapter
+        cd = self.cd
+        inside = None
+        if a.layer_kind(layer) == a.LINEAR:
+            # Linear attention (Gated DeltaNet): removing p skips p's write to the state that the final
+            # position reads (maskvl.ops.gated_delta_knockout); the readouts then go through the layer's
+            # gated norm, so the deltas o_proj sees are of the normed rows.
+            st = a.linear_state(cache, layer, cd)
+            core, core_delta = self.backend.gated_delta_knockout(st.q, st.k, st.v, st.g, st.beta, st.scale, True)
+            core_delta = core_delta.index_select(0, positions.to(core_delta.device))  # [P, Hv, dv]
+            o = a.linear_norm(layer, core.unsqueeze(0), st.z, cd)[0]  # [Hv, dv]
+            delta = self._in_chunks(core_delta.shape[0], lambda i, j: a.linear_norm(
+                layer, core.unsqueeze(0) + core_delta[i:j], st.z, cd) - o)
+        else:
+            o, delta, inside = self._attention_deltas(cap, cache, layer, positions, groups)
+        gate = cap.gate[layer] if cap.gate is not None else None
+        if gate is not None:
+            # An output gate (Qwen3.5) from the final position's own input: the same for every masked row.
+            o, delta = o * gate.to(o.dtype), delta * gate.to(delta.dtype)
         P = delta.shape[0]
         # Cast per use, not cached: a compute-dtype copy of every layer's o_proj would cost GBs at 4B.
         wo = a.o_proj_weight(layer).to(self.cd)  # [d, H*D]
@@ -316,7 +355,7 @@ class Engine:
             l2 = torch.cat([l2_full.unsqueeze(0), l2_attn.unsqueeze(0), l2_head.T], 0)
             cos = torch.cat([cos_full.unsqueeze(0), cos_attn.unsqueeze(0), cos_head.T], 0)
         else:  # every masked key is outside the window
-            l2 = cos = full_clean.new_zeros((2 + a.num_heads, 0))
+            l2 = cos = full_clean.new_zeros((2 + a.layer_heads(layer), 0))
         if inside is not None:
             # Keys (groups) outside the window: exact zeros in every variant.
             n = len(positions) if groups is None else groups.count
@@ -325,7 +364,7 @@ class Engine:
             cos = cos.new_zeros((cos.shape[0], n)).index_copy_(1, idx, cos)
             full_delta = full_delta.new_zeros((n, full_delta.shape[1])).index_copy_(
                 0, inside.to(full_delta.device), full_delta)
-        names = measures.variant_names(a.num_heads)
+        names = measures.variant_names(a.layer_heads(layer))
         if groups is None:
             result = LayerResult(layer, names, positions.cpu().numpy(), l2.cpu().numpy(), cos.cpu().numpy())
         else:
@@ -340,6 +379,17 @@ class Engine:
         ``key_sets [NG, seq_len]`` bool: the groups of a group run (rows name theirs in ``exclude_set``).
         """
         a = self.adapter
+        if a.layer_kind(layer) == a.LINEAR:
+            # Every row takes its own single step on the shared clean conv tail and state (run() refuses a
+            # knockout window that reaches a linear layer after the measured one).
+            rows = torch.cat([b.h for b in batches])
+            out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_linear(layer, rows[i:j], cache, self.cd))
+            i = 0
+            for b in batches:
+                n = b.h.shape[0]
+                b.h = out[i:i + n]
+                i += n
+            return
         k, v = a.kv(cache, layer)
         T = seq_len - 1
         # At a sliding-window layer the final query sees only the prefix keys lo..T-1 (and its own).
@@ -402,6 +452,30 @@ class Engine:
             lr.kl = np.concatenate([nan, kl.cpu().numpy()[None]])
             lr.tpd = np.concatenate([nan, tpd.cpu().numpy()[None]])
 
+    def check_layer_kinds(self, config: SweepConfig, layers: list[int]) -> None:
+        """Refuse what linear-attention layers do not support, with a one-line :class:`InputError`: group
+        knockout at a measured linear layer (skipping several writes at once has no closed form here), and
+        a Logits knockout window reaching a linear layer after the measured one (that row would need its own
+        copy of the state)."""
+        a = self.adapter
+        linear = [layer for layer in range(a.num_layers) if a.layer_kind(layer) == a.LINEAR]
+        if not linear:
+            return
+        attention = [layer for layer in range(a.num_layers) if layer not in linear]
+        if config.groups is not None:
+            bad = [layer for layer in layers if layer in linear]
+            if bad:
+                raise InputError(f"{OPTIONS['mask_groups'].label} is not supported at linear-attention layers "
+                                 f"({_ranges(bad)} of those selected); select full-attention layers with "
+                                 f"{OPTIONS['layers'].label} ({_ranges(attention) or 'none'})")
+        if config.logits and config.knockout_window > 1:
+            bad = [layer for layer in layers
+                   if any(k in linear for k in range(layer + 1, min(layer + config.knockout_window, a.num_layers)))]
+            if bad:
+                raise InputError(f"{OPTIONS['knockout_window'].label} {config.knockout_window} reaches a "
+                                 f"linear-attention layer after measured layer {bad[0]}; that is not supported "
+                                 f"(linear-attention layers: {_ranges(linear)}): use window 1 or other layers")
+
     def run(self, prepared: Prepared, config: SweepConfig,
             on_layer: Callable[[int, int], None] | None = None,
             on_note: Callable[[str], None] | None = None) -> Iterator[StepResult]:
@@ -412,6 +486,7 @@ class Engine:
         """
         a = self.adapter
         layers = config.validate(a.num_layers)
+        self.check_layer_kinds(config, layers)
         groups = None
         if config.groups is not None:
             groups = GroupSet(config.groups, prepared.input_ids.shape[1], a.device)

@@ -3,7 +3,10 @@
 For every generation step s, layer L and masked key p this runs the unmodified model on the whole
 sequence (prompt + s greedy tokens, fresh, no cache) with exactly one attention entry removed: key p
 for the final query row at layer L (for group knockout: every key of the group, for that row only).
-The removal goes through transformers' attention-function registry (a registered attention
+At a linear-attention layer (Qwen3.5's Gated DeltaNet) removing p means skipping p's write to the state
+for the final position's readout only: the adapter runs the layer's own forward once more with g_p = 0 and
+beta_p = 0 and splices only the final position's output (``ModelAdapter.knockout_linear``).
+The removal at softmax layers goes through transformers' attention-function registry (a registered attention
 implementation named ``maskvl_knockout``, selected on the model's text config only for the duration of
 the call), not by patching transformers. Layer L's attention is then computed
 explicitly in float64 (float64 models) or float32 (others), under the attention mask transformers
@@ -98,13 +101,23 @@ def knockout(adapter: ModelAdapter, layers: Any, position: int | Sequence[int] |
     cfg = adapter.attention_config()
     before = cfg._attn_implementation
     cfg._attn_implementation = KNOCKOUT_ATTN
+    linear: list[int] = []
     if layers is None:
         _target.value = None
     else:
         keys = position if position is None or isinstance(position, int) else sorted(set(position))
-        _target.value = (frozenset([layers] if isinstance(layers, int) else layers), keys)
+        chosen = frozenset([layers] if isinstance(layers, int) else layers)
+        _target.value = (chosen, keys)
+        # Linear-attention layers (Qwen3.5): the layer's own forward with the writes skipped, only the
+        # final position's output spliced in (the adapter's knockout_linear).
+        if keys is not None:
+            linear = sorted(layer for layer in chosen if adapter.layer_kind(layer) == adapter.LINEAR)
+            keys_list = [keys] if isinstance(keys, int) else list(keys)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for layer in linear:
+                stack.enter_context(adapter.knockout_linear(layer, keys_list))
+            yield
     finally:
         _target.value = None
         cfg._attn_implementation = before
@@ -152,10 +165,11 @@ def _capture_forward(adapter: ModelAdapter, prepared: Prepared, generated: list[
         for h in handles:
             h.remove()
     out = {}
-    H, D = adapter.num_heads, adapter.head_dim
     for layer in layers:
         s = store[layer]
         w = adapter.o_proj(layer).weight.to(cd)  # [d, H*D]
+        H = adapter.layer_heads(layer)  # a linear layer: its value heads, o_proj its output projection
+        D = w.shape[1] // H
         o = s["o"].reshape(H, D)
         # Head h's contribution, materialized explicitly: o_proj applied to head h's slice alone.
         heads = torch.stack([w[:, h * D:(h + 1) * D] @ o[h] for h in range(H)])
@@ -223,7 +237,8 @@ def naive_sweep(adapter: ModelAdapter, prepared: Prepared, mask_mode: str = "tex
             logits_unmasked[layer] = c.logits
             for keys in removed:
                 m = _capture_forward(adapter, prepared, generated, [layer], (window, keys))[layer]
-                pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h]) for h in range(adapter.num_heads)]
+                pairs = [(c.full, m.full), (c.attn, m.attn)] + [(c.heads[h], m.heads[h])
+                                                                for h in range(adapter.layer_heads(layer))]
                 d = [measures.vector_distances_direct(a, b) for a, b in pairs]
                 rows_l2.append(torch.stack([x[0] for x in d]))
                 rows_cos.append(torch.stack([x[1] for x in d]))

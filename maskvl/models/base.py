@@ -10,6 +10,7 @@ implements the parts common to transformers decoders.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,18 +71,42 @@ class Capture:
         rope: the final position's rotary ``(cos, sin)``, ``[D]`` each (model dtype).
         layer_rope: per layer, that layer's ``(cos, sin)`` where layers differ (Gemma 3's local and global
             layers have their own rotary bases); None where every layer uses ``rope``.
-    Keys and values of every position are read from the KV cache with :meth:`ModelAdapter.kv`.
+        gate: per layer, the final position's output gate ``[H, D]`` (already through its sigmoid) that
+            multiplies the attention output before o_proj (Qwen3.5's gated attention); None where the
+            model has none. The gate comes from the final position's own input, so masking leaves it alone.
+    Keys and values of every position are read from the KV cache with :meth:`ModelAdapter.kv`. At a
+    linear-attention layer (:meth:`ModelAdapter.layer_kind`) ``q`` is None and the layer's inputs come
+    from :meth:`ModelAdapter.linear_state`.
     """
 
     x: list[torch.Tensor]
-    q: list[torch.Tensor]
+    q: list[torch.Tensor | None]
     logits: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     layer_rope: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    gate: list[torch.Tensor | None] | None = None
 
     def rope_at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The final position's rotary ``(cos, sin)`` at ``layer``."""
         return self.layer_rope[layer] if self.layer_rope is not None else self.rope
+
+
+@dataclass
+class LinearState:
+    """A linear-attention layer (Gated DeltaNet) as the knockout op takes it, for the current sequence.
+
+    ``q [Hk, dk]`` the final position's query, ``k [T, Hk, dk]``, ``v [T, Hv, dv]``, ``g, beta [T, Hv]``
+    (after the layer's causal conv, before the q/k L2 norms: ``maskvl.ops.gated_delta_knockout``'s inputs),
+    ``z [Hv, dv]`` the final position's output gate, ``scale`` the query scale; in the compute dtype.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    z: torch.Tensor
+    scale: float
 
 
 # ``attend(q [B, H, D], k_prefix [T, KV, D], v_prefix, k_own [B, KV, D], v_own, scale, exclude [B])``
@@ -200,10 +225,43 @@ class ModelAdapter(abc.ABC):
         """
         return None
 
+    ATTENTION: ClassVar[str] = "attention"
+    LINEAR: ClassVar[str] = "linear"
+
+    def layer_kind(self, layer: int) -> str:
+        """``"attention"`` (softmax attention over a KV cache) or ``"linear"`` (a linear-attention layer:
+        Qwen3.5's Gated DeltaNet, knocked out by skipping a position's write; see :meth:`linear_state`)."""
+        return self.ATTENTION
+
+    def layer_heads(self, layer: int) -> int:
+        """How many heads ``Head_N`` covers at ``layer``: ``num_heads``, or a linear layer's value heads."""
+        return self.num_heads
+
+    def linear_state(self, cache: Any, layer: int, dtype: torch.dtype) -> LinearState:
+        """A linear-attention layer's inputs for the current sequence, in ``dtype``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear-attention layers")
+
+    def linear_norm(self, layer: int, core: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A linear layer's gated norm of readouts ``core [N, Hv, dv]`` with the gate ``z [Hv, dv]``:
+        ``[N, Hv, dv]``, the input of its output projection (:meth:`o_proj_weight`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear-attention layers")
+
+    def replay_linear(self, layer: int, h: torch.Tensor, cache: Any, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`replay_layer` at a linear-attention layer: each row ``h [B, d_model]`` takes its own single
+        step on the shared clean conv tail and recurrent state before the final position (no row copies
+        the state). Returns ``[B, d_model]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear-attention layers")
+
+    def knockout_linear(self, layer: int, positions: list[int] | None) -> contextlib.AbstractContextManager:
+        """The naive oracle's knockout at a linear layer: within the block, the model's own forward gives
+        the final position the layer's output with ``positions``' writes skipped and every other position
+        its clean output (the layer run once more, only the final row spliced). None: no change."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear-attention layers")
+
     # ---------------------------------------------------------------------- replayed pieces
     @abc.abstractmethod
     def o_proj_weight(self, layer: int) -> torch.Tensor:
-        """``[d_model, H * D]``."""
+        """``[d_model, H * D]`` (at a linear layer its output projection, ``[d_model, Hv * dv]``)."""
 
     def o_proj_bias(self, layer: int) -> torch.Tensor | None:
         """``[d_model]``, or None where o_proj has no bias. ``Attn`` includes it; ``Head_N`` does not."""

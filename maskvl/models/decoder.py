@@ -51,7 +51,8 @@ class TransformersDecoderAdapter(ModelAdapter):
         self.hidden_size = text_config.hidden_size
         self.vocab_size = text_config.vocab_size
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        self.scale = self.layers[0].self_attn.scaling
+        # The first softmax-attention layer (Qwen3.5 starts with linear-attention layers).
+        self.scale = next(lay.self_attn.scaling for lay in self.layers if getattr(lay, "self_attn", None) is not None)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
 
@@ -118,8 +119,10 @@ class TransformersDecoderAdapter(ModelAdapter):
             return hook
 
         for i, layer in enumerate(self.layers):
-            at = layer.self_attn
             handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
+            at = getattr(layer, "self_attn", None)
+            if at is None:  # a linear-attention layer: no query (the family's adapter reads its inputs)
+                continue
             q_module = getattr(at, "q_norm", None) or at.q_proj
             handles.append(q_module.register_forward_hook(q_post(i)))
         try:
@@ -128,13 +131,16 @@ class TransformersDecoderAdapter(ModelAdapter):
         finally:
             for h in handles:
                 h.remove()
-        q_rot = []
-        for q, (cos, sin) in zip(qs, rope):
-            # The model's apply_rotary_pos_emb on the final row: q * cos + rotate_half(q) * sin.
-            q_rot.append((q * cos) + (rotate_half(q) * sin))
+        # The model's apply_rotary_pos_emb on the final row.
+        q_rot = [None if q is None else self._apply_rope(q, cos, sin) for q, (cos, sin) in zip(qs, rope)]
         same = all(torch.equal(c, rope[0][0]) and torch.equal(s_, rope[0][1]) for c, s_ in rope)
         return Capture(x=xs, q=q_rot, logits=out.logits[0, -1].detach(), rope=rope[0],
                        layer_rope=None if same else rope)
+
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE as the model applies it, ``x * cos + rotate_half(x) * sin`` over the last dim; a family with
+        partial rotary embeddings (tables narrower than the head) overrides this."""
+        return x * cos + rotate_half(x) * sin
 
     def _rope_table(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's rotary tables as ``x * cos + rotate_half(x) * sin`` uses them, ``[..., D]``; a family
@@ -262,8 +268,8 @@ class TransformersDecoderAdapter(ModelAdapter):
         B = h.shape[0]
         q, k, v = self._project_qkv(layer, self.input_norm(layer, h, dtype), dtype)
         cos, sin = (t.to(dtype) for t in rope)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = self._apply_rope(q, cos, sin)
+        k = self._apply_rope(k, cos, sin)
         o = attend(q, k_prefix, v_prefix, k, v, self.scale, exclude).to(dtype)
         attn = self._run(lay.self_attn.o_proj, o.reshape(B, -1), dtype)
         if self.has_attention_norm:

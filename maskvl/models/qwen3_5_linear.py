@@ -1,7 +1,8 @@
 """Qwen3.5's linear-attention layers (transformers' ``Qwen3_5GatedDeltaNet``) as the knockout op sees them.
 
-Not a registered family yet: these are the pieces a Qwen3.5 adapter reads a linear-attention layer
-with, and the write-skipping hook its naive oracle runs transformers' own layer with. One layer, batch 1,
+The pieces the Qwen3.5 adapter (``maskvl/models/qwen3_5.py``) reads a linear-attention layer with, the
+write-skipping hook its naive oracle runs transformers' own layer with, and the float64 forward hook
+(:class:`ExactLinear`) that float64 runs use. One layer, batch 1,
 ``T`` positions, ``Hk`` key heads of ``dk``, ``Hv`` value heads of ``dv``::
 
     x [T, hidden]  -> in_proj_qkv -> causal depthwise conv (kernel K, left zero padding) -> act
@@ -74,20 +75,24 @@ def head_output(module: nn.Module, normed: torch.Tensor, head: int) -> torch.Ten
 
 
 @contextlib.contextmanager
-def skip_write(module: nn.Module, p: int) -> Iterator[None]:
+def skip_write(module: nn.Module, p: int | list[int]) -> Iterator[None]:
     """Run transformers' own layer with position ``p``'s write skipped: ``g_p = 0`` and ``beta_p = 0``.
 
-    Forward hooks set row ``p`` of ``in_proj_a`` and ``in_proj_b`` to ``-inf``: transformers' own
-    ``softplus(-inf) = 0`` and ``sigmoid(-inf) = 0`` then give exactly ``g_p = -0.0`` and ``beta_p = 0``
-    (``S_p = S_{p-1}``). Every position after ``p`` reads the changed state, so a caller keeps only
-    the final position's output. Hooks are removed on exit.
+    Forward hooks set row ``p`` (or every row of a list) of ``in_proj_a`` and ``in_proj_b`` to ``-inf``:
+    transformers' own ``softplus(-inf) = 0`` and ``sigmoid(-inf) = 0`` then give exactly ``g_p = -0.0``
+    and ``beta_p = 0`` (``S_p = S_{p-1}``). Every position after ``p`` reads the changed state, so a
+    caller keeps only the final position's output. The hooks run before any other hook on those modules
+    (so :class:`ExactLinear` reads the skipped rows too) and are removed on exit.
     """
+    rows = [p] if isinstance(p, int) else list(p)
+
     def hook(_mod, _args, out):
         out = out.clone()
-        out[..., p, :] = float("-inf")
+        out[..., rows, :] = float("-inf")
         return out
 
-    handles = [module.in_proj_a.register_forward_hook(hook), module.in_proj_b.register_forward_hook(hook)]
+    handles = [module.in_proj_a.register_forward_hook(hook, prepend=True),
+               module.in_proj_b.register_forward_hook(hook, prepend=True)]
     try:
         yield
     finally:
@@ -98,6 +103,65 @@ def skip_write(module: nn.Module, p: int) -> Iterator[None]:
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     # transformers' l2norm (eps 1e-6 inside the root), as maskvl.ops.gated_delta_knockout.
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with the weight in ``x``'s dtype (a cast per call: these are the small projections
+    of single rows; no hooks fire)."""
+    return F.linear(x, module.weight.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
+
+
+def conv_act(module: nn.Module, pre: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal depthwise conv and its activation for ``pre [n, C]`` (in_proj_qkv outputs) following
+    ``tail [K-1, C]`` (the ``K-1`` earlier positions' in_proj_qkv outputs; None: the sequence starts here,
+    zeros as transformers pads). Returns ``[n, C]`` in ``pre``'s dtype."""
+    K, C = module.conv_kernel_size, module.conv_dim
+    w = module.conv1d.weight[:, 0, :].to(pre.dtype)  # [C, K]
+    if tail is None:
+        tail = pre.new_zeros(K - 1, C)
+    full = torch.cat([tail.to(pre.dtype), pre]).T[None]  # [1, C, K-1+n]
+    bias = None if module.conv1d.bias is None else module.conv1d.bias.to(pre.dtype)
+    return ACT2FN[module.activation](F.conv1d(full, w[:, None, :], bias, groups=C))[0].T
+
+
+def rule_inputs(module: nn.Module, pre: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                tail: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The gated delta rule's inputs from the layer's own projections of ``n`` positions.
+
+    ``pre [n, C]`` (in_proj_qkv), ``a, b [n, Hv]`` (in_proj_a, in_proj_b), ``tail`` as in :func:`conv_act`;
+    all in one dtype, which the result keeps. Returns ``q, k [n, Hk, dk]`` (before the L2 norms),
+    ``v [n, Hv, dv]``, ``g, beta [n, Hv]``.
+    """
+    n = pre.shape[0]
+    mixed = conv_act(module, pre, tail)
+    q, k, v = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
+    g = -module.A_log.to(pre.dtype).exp() * F.softplus(a + module.dt_bias.to(pre.dtype))
+    return (q.reshape(n, module.num_k_heads, module.head_k_dim), k.reshape(n, module.num_k_heads, module.head_k_dim),
+            v.reshape(n, module.num_v_heads, module.head_v_dim), g, b.sigmoid())
+
+
+def advance(module: nn.Module, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+            beta: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The plain recurrence over ``n`` positions from state ``S [..., Hv, dk, dv]``.
+
+    ``k [..., n, Hk, dk]`` (before the L2 norm), ``v [..., n, Hv, dv]``, ``g, beta [..., n, Hv]``; with
+    ``q [..., n, Hk, dk]`` also each position's readout. Returns the state after the last position and
+    the readouts ``[..., n, Hv, dv]`` (None without ``q``): transformers' ``torch_recurrent_gated_delta_rule``
+    in ``S``'s dtype. O(n dk dv) per head.
+    """
+    G = module.num_v_heads // module.num_k_heads
+    k = _l2norm(k).repeat_interleave(G, dim=-2)
+    if q is not None:
+        q = (_l2norm(q) * linear_scale(module)).repeat_interleave(G, dim=-2)
+    outs = []
+    for t in range(k.shape[-3]):
+        S = g[..., t, :].exp()[..., None, None] * S
+        kt = k[..., t, :, :]
+        w = beta[..., t, :, None] * (v[..., t, :, :] - torch.einsum("...hkv,...hk->...hv", S, kt))
+        S = S + kt[..., :, None] * w[..., None, :]
+        if q is not None:
+            outs.append(torch.einsum("...hkv,...hk->...hv", S, q[..., t, :, :]))
+    return S, (torch.stack(outs, dim=-3) if q is not None else None)
 
 
 def prefix_state(module: nn.Module, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +179,11 @@ def prefix_state(module: nn.Module, x_prev: torch.Tensor) -> tuple[torch.Tensor,
     n = x_prev.shape[0]
     if n == 0:
         return tail, S
-    pre = module.in_proj_qkv(x_prev)
+    pre = _linear(module.in_proj_qkv, x_prev)
     m = min(K - 1, n)
     tail[K - 1 - m:] = pre[n - m:]
-    _q, k, v, g, beta, _z = linear_inputs(module, x_prev)
-    k = _l2norm(k).repeat_interleave(module.num_v_heads // module.num_k_heads, dim=1)
-    for t in range(n):
-        a = g[t].exp()[:, None, None]
-        S = a * S
-        w = beta[t][:, None] * (v[t] - torch.einsum("hkv,hk->hv", S, k[t]))
-        S = S + k[t][:, :, None] * w[:, None, :]
+    _q, k, v, g, beta = rule_inputs(module, pre, _linear(module.in_proj_a, x_prev), _linear(module.in_proj_b, x_prev))
+    S, _ = advance(module, S, k, v, g, beta)
     return tail, S
 
 
@@ -138,26 +197,84 @@ def final_step(module: nn.Module, x_rows: torch.Tensor, tail: torch.Tensor, S: t
         c = act(conv over tail and the row's own in_proj_qkv),  q, k, v, g, beta, z from it
         o = a S^T q + (k . q) beta (v - a S^T k),   a = exp(g)       (= (a S + k w^T)^T q)
 
-    Returns ``[N, hidden]``: O(N Hv dk dv), like one decode step per row.
+    Computed in ``x_rows``' dtype (weights cast). Returns ``[N, hidden]``: O(N Hv dk dv), like one decode
+    step per row.
     """
     N = x_rows.shape[0]
-    weight = module.conv1d.weight[:, 0, :].to(x_rows.dtype)  # [C, K]
-    pre = module.in_proj_qkv(x_rows)  # [N, C]
-    conv = (tail * weight[:, :-1].T).sum(0) + pre * weight[:, -1]
+    dt = x_rows.dtype
+    weight = module.conv1d.weight[:, 0, :].to(dt)  # [C, K]
+    pre = _linear(module.in_proj_qkv, x_rows)  # [N, C]
+    conv = (tail.to(dt) * weight[:, :-1].T).sum(0) + pre * weight[:, -1]
     if module.conv1d.bias is not None:
-        conv = conv + module.conv1d.bias
+        conv = conv + module.conv1d.bias.to(dt)
     conv = ACT2FN[module.activation](conv)
     q, k, v = torch.split(conv, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
     G = module.num_v_heads // module.num_k_heads
     q = (_l2norm(q.reshape(N, module.num_k_heads, module.head_k_dim)) * linear_scale(module)).repeat_interleave(G, 1)
     k = _l2norm(k.reshape(N, module.num_k_heads, module.head_k_dim)).repeat_interleave(G, 1)
     v = v.reshape(N, module.num_v_heads, module.head_v_dim)
-    beta = module.in_proj_b(x_rows).sigmoid()
-    a = (-module.A_log.to(x_rows.dtype).exp()
-         * F.softplus(module.in_proj_a(x_rows) + module.dt_bias.to(x_rows.dtype))).exp()  # [N, Hv]
-    z = module.in_proj_z(x_rows).reshape(N, module.num_v_heads, module.head_v_dim)
+    beta = _linear(module.in_proj_b, x_rows).sigmoid()
+    a = (-module.A_log.to(dt).exp() * F.softplus(_linear(module.in_proj_a, x_rows) + module.dt_bias.to(dt))).exp()
+    z = _linear(module.in_proj_z, x_rows).reshape(N, module.num_v_heads, module.head_v_dim)
+    S = S.to(dt)
     Sq = torch.einsum("hkv,nhk->nhv", S, q)
     Sk = torch.einsum("hkv,nhk->nhv", S, k)
     w = beta[..., None] * (v - a[..., None] * Sk)
     o = a[..., None] * Sq + (k * q).sum(-1, keepdim=True) * w
-    return linear_output(module, o, z)
+    y = gated_norm(module, o, z)
+    return _linear(module.out_proj, y.reshape(N, -1))
+
+
+class ExactLinear:
+    """A float64 forward for one linear-attention layer of a loaded model (installed by the adapter on
+    float64 models only; :meth:`remove` takes it off).
+
+    transformers runs the gated delta rule, ``g`` and the gated norm in float32 whatever the weights'
+    dtype, so a float64 model is not float64 there, and its own prefill (chunked rule) and decode
+    (recurrent rule) disagree at float32's resolution. A float64 run is maskvl's exactness check, so this
+    forward hook replaces the layer's output by the same computation in float64: taps read the layer's
+    own in_proj_qkv / in_proj_z / in_proj_a / in_proj_b outputs of the call (after any :func:`skip_write`
+    hook), then the conv over the previous positions' tail, the recurrence (:func:`advance`), the gated
+    norm and out_proj (called as a module, so hooks on it see these values last). The layer's own forward
+    still runs, so transformers' cache stays as it keeps it; the float64 conv tail and state live beside
+    it on the cache object (attribute ``_maskvl_exact``), and a call without a cache starts from zeros.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._taps: dict[str, torch.Tensor] = {}
+        self._handles = [getattr(module, name).register_forward_hook(self._tap(name))
+                         for name in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")]
+        self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+
+    def _tap(self, name: str):
+        def hook(_mod, _args, out):
+            self._taps[name] = out
+        return hook
+
+    def _hook(self, mod, args, kwargs, out):
+        m = self.module
+        pre, z, a, b = (self._taps.pop(n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b"))
+        B, n, _ = pre.shape
+        K = m.conv_kernel_size
+        cache = kwargs.get("cache_params")
+        store = cache.__dict__.setdefault("_maskvl_exact", {}) if cache is not None else {}
+        tail, S = store.get(m.layer_idx, (pre.new_zeros(B, K - 1, m.conv_dim),
+                                          pre.new_zeros(B, m.num_v_heads, m.head_k_dim, m.head_v_dim)))
+        cores = []
+        for i in range(B):
+            q, k, v, g, beta = rule_inputs(m, pre[i], a[i], b[i], tail[i])
+            S_i, core = advance(m, S[i], k, v, g, beta, q)
+            cores.append(core)
+            S = S.clone()
+            S[i] = S_i
+        if cache is not None:
+            store[m.layer_idx] = (torch.cat([tail, pre], dim=1)[:, -(K - 1):] if K > 1 else tail, S)
+        core = torch.stack(cores)  # [B, n, Hv, dv]
+        y = gated_norm(m, core, z.reshape(B, n, m.num_v_heads, m.head_v_dim))
+        return m.out_proj(y.reshape(B, n, -1).to(m.out_proj.weight.dtype))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
