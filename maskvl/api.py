@@ -133,7 +133,9 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
         config.groups = [list(g.positions) for g in groups]
     group_meta = [g.to_dict(i) for i, g in enumerate(groups)] if groups is not None else None
     tokens = io.TokenTable.build(adapter.token_texts(ids), prepared.images)
-    variants = measures.variant_names(adapter.num_heads, logits=config.logits)
+    # Head_N up to the most heads of any measured layer (Qwen3.5's linear layers have more); a layer
+    # with fewer has no rows for the others (layer_heads in the metadata).
+    variants = measures.variant_names(max(adapter.layer_heads(layer) for layer in layers), logits=config.logits)
     float64 = engine.cd == torch.float64
     meta = io.base_metadata(
         model=adapter.model_id, dtype=str(adapter.dtype).replace("torch.", ""), device=str(adapter.device),
@@ -147,6 +149,9 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
         # Per layer, the keys a query sees (None: full causal). Keys outside the final query's window
         # have no effect at that layer: their rows are exact zeros.
         attention_windows=[adapter.attention_window(layer) for layer in range(adapter.num_layers)],
+        # Per layer: "attention" or "linear" (Gated DeltaNet), and how many Head_N variants it has.
+        layer_types=[adapter.layer_kind(layer) for layer in range(adapter.num_layers)],
+        layer_heads=[adapter.layer_heads(layer) for layer in range(adapter.num_layers)],
         mask_groups=to_json(opts["mask_groups"]), groups=group_meta,
         num_steps=config.num_tokens, steps_completed=0, complete=False,
     )
@@ -177,7 +182,8 @@ def iter_run_sweep(adapter: ModelAdapter, images: Sequence[Any], prompt: str, op
             # One table per layer, written and dropped: a step's rows never sit in memory all at once.
             step_tables = []
             for lr in res.layers:
-                table = io.rows_table(res.step, [lr], tokens, float64=float64, groups=group_meta)
+                table = io.rows_table(res.step, [lr], tokens, float64=float64, groups=group_meta,
+                                      variants=variants)
                 if sink is not None:
                     sink.write(table)
                 rows += table.num_rows

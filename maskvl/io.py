@@ -106,21 +106,25 @@ def _nullable(values: np.ndarray) -> pa.Array:
 
 
 def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64: bool = False,
-               groups: list[dict[str, Any]] | None = None) -> pa.Table:
+               groups: list[dict[str, Any]] | None = None, variants: list[str] | None = None) -> pa.Table:
     """The rows of one step, sorted by layer, variant (natural order), position (or group).
 
     Called with one layer at a time by :func:`maskvl.api.run_sweep`, so that a step's rows never sit in
     memory for all layers at once.
 
     ``layer_results`` items (:class:`maskvl.engine.LayerResult`) have ``layer``, ``variants`` (the name
-    of each row of the value arrays, the same for every layer), ``positions [P]``, ``l2 [V, P]``,
-    ``cos [V, P]``, and ``kl``/``tpd [V, P]`` (NaN where null) or None. In a group run they carry
-    ``group_index [P]`` and ``groups`` is the metadata's group list (labels and images of the rows).
+    of each row of the value arrays), ``positions [P]``, ``l2 [V, P]``, ``cos [V, P]``, and
+    ``kl``/``tpd [V, P]`` (NaN where null) or None. In a group run they carry ``group_index [P]`` and
+    ``groups`` is the metadata's group list (labels and images of the rows). ``variants``: the file's
+    variant list (the ``variant`` column's dictionary); a layer may carry a subset of it (Qwen3.5's
+    linear layers have more heads than its attention layers). None: the first layer's, for all.
     """
-    variants = list(layer_results[0].variants) if layer_results else []
+    if variants is None:
+        variants = list(layer_results[0].variants) if layer_results else []
+    index = {v: i for i, v in enumerate(variants)}
     for lr in layer_results:
-        if list(lr.variants) != variants or lr.l2.shape[0] != len(variants):
-            raise ValueError(f"layer {lr.layer} carries variants {lr.variants}, not {variants}")
+        if any(v not in index for v in lr.variants) or lr.l2.shape[0] != len(lr.variants):
+            raise ValueError(f"layer {lr.layer} carries variants {lr.variants}, not among {variants}")
     ft = np.float64 if float64 else np.float32
     layer_col, pos_col, var_col, l2_col, cos_col = [], [], [], [], []
     extra: dict[str, np.ndarray] = {}
@@ -137,7 +141,7 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         pos_col.append(np.tile(np.asarray(lr.positions, np.int32), n_var))
         if groups is not None:
             group_col.append(np.tile(np.asarray(lr.group_index, np.int32), n_var))
-        var_col.append(np.repeat(np.arange(n_var, dtype=np.int16), P))
+        var_col.append(np.repeat(np.asarray([index[v] for v in lr.variants], dtype=np.int16), P))
         l2_col.append(np.asarray(lr.l2, ft).reshape(-1))
         cos_col.append(np.asarray(lr.cos, ft).reshape(-1))
     positions = np.concatenate(pos_col) if pos_col else np.zeros(0, np.int32)

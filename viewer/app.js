@@ -137,10 +137,25 @@
     return lines.join('\n');
   }
 
+  /** Why a (step, layer, variant) has no rows: a head the layer does not have (Qwen3.5's linear-attention
+   * layers have more heads than its attention layers; metadata `layer_heads`), or just absent. */
+  function noRowsReason() {
+    const meta = app.ds.meta;
+    const name = app.ds.variants[app.state.variant];
+    const layer = app.ds.layers[app.state.layer];
+    const m = /^Head_(\d+)$/.exec(name || '');
+    const heads = meta && Array.isArray(meta.layer_heads) ? meta.layer_heads[layer] : undefined;
+    if (m && Number.isInteger(heads) && Number(m[1]) >= heads) {
+      const kind = Array.isArray(meta.layer_types) && typeof meta.layer_types[layer] === 'string' ? `${meta.layer_types[layer]} ` : '';
+      return `${name} is not at layer ${layer}: this ${kind}layer has ${heads} heads (Head_0 … Head_${heads - 1}).`;
+    }
+    return 'No rows for this combination in the file.';
+  }
+
   /** The status line; rows: the row count drawn (0: say none), or -1 while `loading` pairs are read. */
   function updateStatus(rows, loading) {
     let s = statusText();
-    if (rows === 0) s += '\nNo rows for this combination in the file.';
+    if (rows === 0) s += '\n' + noRowsReason();
     if (rows === -1) {
       const what = loading.map(({ s: st, l }) => `layer ${app.ds.layers[l]} of step ${app.ds.steps[st]}`).join(' and ');
       s += `\nReading ${what} from the file…`;

@@ -243,7 +243,8 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     @classmethod
     def _text_config(cls, vocab_size: int, special: dict[str, int], shape: dict[str, Any]) -> dict[str, Any]:
         head_dim = shape.get("head_dim", 32)
-        partial = shape.get("partial_rotary_factor", 0.25)
+        # The hub's 0.25, or as much as three MRoPE sections of a small head need (8 rotary dims).
+        partial = shape.get("partial_rotary_factor", max(0.25, min(1.0, 8 / head_dim)))
         half = int(head_dim * partial) // 2
         if half < 3:
             raise InputError(f"head_dim {head_dim} x partial_rotary_factor {partial} leaves fewer than 6 rotary "
@@ -294,7 +295,8 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
         ``shape`` (:attr:`SHAPE_KEYS`): num_layers (4: layers 0-2 linear, 3 full), num_heads, num_kv_heads,
         head_dim (32), hidden_size, intermediate_size, vision_depth, the linear layers' heads and dims, the
-        conv kernel, full_attention_interval, partial_rotary_factor (0.25), initializer_range,
+        conv kernel, full_attention_interval, partial_rotary_factor (0.25, the hub's; more for heads under
+        32 dims, so that the three MRoPE sections get 8 rotary dims), initializer_range,
         tie_word_embeddings. The linear layers' decay rates are drawn small (A_log in [-3, -1]) so that
         early positions still reach the final readout.
         """
