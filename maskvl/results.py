@@ -365,6 +365,18 @@ class Sweep:
             raise InputError(f"variant {variant!r} is not in this sweep (it has {_variant_list(self.variants)})")
         return str(variant)
 
+    def _head_at(self, variant: Any, layer: int) -> None:
+        """A one-line error for a head ``layer`` does not have (metadata ``layer_heads``: Qwen3.5's linear and
+        attention layers have different head counts); ``maps`` over several layers gives NaN there instead."""
+        heads = self.metadata.get("layer_heads")
+        if (isinstance(variant, str) and variant.startswith("Head_") and variant[5:].isdigit()
+                and isinstance(heads, list) and layer < len(heads) and isinstance(heads[layer], int)
+                and int(variant[5:]) >= heads[layer]):
+            kinds = self.metadata.get("layer_types") or []
+            kind = f"{kinds[layer]} " if layer < len(kinds) and isinstance(kinds[layer], str) else ""
+            raise InputError(f"variant {variant!r} is not at layer {layer}: that {kind}layer has {heads[layer]} heads "
+                             f"(Head_0 \u2026 Head_{heads[layer] - 1})")
+
     def _metric(self, metric: Any, variants: Sequence[str]) -> str:
         col = METRICS.get(metric, metric)
         if col not in METRICS.values():
@@ -437,8 +449,9 @@ class Sweep:
         ``Logits`` variant ``kl`` and ``target_prob`` (or the column names). In a group run each group's
         value fills all of its cells; ``spec`` picks the groups (``"blocks:4x4"``...) when several specs
         cover the image."""
-        step = self._step(step)
-        return self.maps(image, [step], [self._layer(layer)], variant, metric, spec)[0, 0]
+        step, layer = self._step(step), self._layer(layer)
+        self._head_at(variant, layer)
+        return self.maps(image, [step], [layer], variant, metric, spec)[0, 0]
 
     def maps(self, image: int = 0, steps: int | Sequence[int] | None = None,
              layers: int | Sequence[int] | None = None, variant: str = "Full", metric: str = "l2",
@@ -502,6 +515,7 @@ class Sweep:
 
         self._per_token("text()")
         step, layer, variant = self._step(step), self._layer(layer), self._variant(variant)
+        self._head_at(variant, layer)
         col = self._metric(metric, [variant])
         n = self.seq_len(step)
         toks = [t for t in self.tokens if t.get("kind") != "image" and int(t["position"]) < n]

@@ -107,6 +107,15 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
                 rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
                 np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
                 np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+    # The result API: a head a layer lacks is a one-line error for one layer, NaN across layers.
+    import maskvl
+
+    sw = maskvl.open(out)
+    assert np.isfinite(sw.grid(step=1, layer=0, variant="Head_5")).all()
+    with pytest.raises(InputError, match="not at layer 3: that attention layer has 4 heads"):
+        sw.grid(step=1, layer=3, variant="Head_5")
+    maps = sw.maps(0, variant="Head_5")
+    assert np.isnan(maps[:, 3]).all() and np.isfinite(maps[:, :3]).all()
     code, _, err = run_main(["render", str(out), "-o", str(tmp_path / "r.png"), "--variant", "Head_5"])
     assert code == 0 and (tmp_path / "r.png").stat().st_size > 5_000, err
     code, _, err = run_main(["view", str(out), "-o", str(tmp_path / "v.html")])
@@ -219,3 +228,27 @@ def test_make_tiny_model_cli(run_main, tmp_path: Path, family: str) -> None:
     assert a.num_layers == 4 and [a.layer_kind(i) for i in range(4)] == ["linear"] * 3 + ["attention"]
     code, out, err = run_main(["info"])
     assert code == 0 and family in out
+
+
+try:
+    from tests.viewer_support import browser, needs_chromium, set_view, viewer  # noqa: F401  (fixtures)
+except ImportError:
+    from viewer_support import browser, needs_chromium, set_view, viewer  # type: ignore[no-redef]  # noqa: F401
+
+
+@needs_chromium
+def test_viewer_per_layer_heads(viewer, adapter, images, tmp_path: Path) -> None:
+    """The viewer on a Qwen3.5 file: Head_5 draws at a linear layer, and at the attention layer (4 heads)
+    the status line says why there is nothing to draw."""
+    import maskvl
+
+    out = tmp_path / "q35.parquet"
+    maskvl.sweep(adapter, [images["wide"]], "What is it?", mask_mode="both", output=out)
+    v = viewer().goto()
+    v.open(out)
+    set_view(v, layer=0, variant="Head_5")
+    assert "is not at layer" not in v.status() and "No rows" not in v.status()
+    set_view(v, layer=3, variant="Head_5")
+    assert "Head_5 is not at layer 3: this attention layer has 4 heads (Head_0 … Head_3)." in v.status()
+    set_view(v, layer=3, variant="Head_3")
+    assert "is not at layer" not in v.status()
