@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+# 2: per-image token grids with boxes (tiled images) and the grid_index column; version 1 files read as one
+# grid per image.
+FORMAT_VERSION = 2
 METADATA_KEY = "maskvl"
 TEMP_MARKER = ".maskvl-tmp-"
 
@@ -45,36 +47,46 @@ def schema(float64: bool = False) -> pa.Schema:
         ("kl_divergence", f),
         ("target_prob_delta", f),
         ("group_index", pa.int32()),
+        ("grid_index", pa.int32()),
     ])
 
 
 class TokenTable:
-    """Per-position facts of a sequence: text, kind, image index and patch row/col (-1 for text)."""
+    """Per-position facts of a sequence: text, kind, image index, grid index (within the image) and patch
+    row/col within that grid (-1 for text, separator tokens included)."""
 
-    def __init__(self, texts: list[str], image_index: np.ndarray, patch_row: np.ndarray, patch_col: np.ndarray):
+    def __init__(self, texts: list[str], image_index: np.ndarray, patch_row: np.ndarray, patch_col: np.ndarray,
+                 grid_index: np.ndarray | None = None):
         self.texts = list(texts)
         self._unique: tuple[np.ndarray, np.ndarray] | None = None
         self.image_index = np.asarray(image_index, dtype=np.int32)
         self.patch_row = np.asarray(patch_row, dtype=np.int32)
         self.patch_col = np.asarray(patch_col, dtype=np.int32)
+        self.grid_index = (np.where(self.image_index >= 0, 0, -1).astype(np.int32) if grid_index is None
+                           else np.asarray(grid_index, dtype=np.int32))
 
     @classmethod
     def build(cls, texts: list[str], images: list[Any]) -> "TokenTable":
         n = len(texts)
         idx = np.full(n, -1, np.int32)
+        grid = np.full(n, -1, np.int32)
         row = np.full(n, -1, np.int32)
         col = np.full(n, -1, np.int32)
         for im in images:
-            k = np.arange(im.token_end - im.token_start)
-            idx[im.token_start:im.token_end] = im.index
-            row[im.token_start:im.token_end] = k // im.grid_cols
-            col[im.token_start:im.token_end] = k % im.grid_cols
-        return cls(texts, idx, row, col)
+            for gi, g in enumerate(im.grids):
+                pos = np.asarray(g.positions(), np.int64)
+                k = np.arange(len(pos))
+                idx[pos] = im.index
+                grid[pos] = gi
+                row[pos] = k // g.cols
+                col[pos] = k % g.cols
+        return cls(texts, idx, row, col, grid)
 
     def append(self, text: str) -> None:
         self.texts.append(text)
         self._unique = None
         self.image_index = np.append(self.image_index, np.int32(-1))
+        self.grid_index = np.append(self.grid_index, np.int32(-1))
         self.patch_row = np.append(self.patch_row, np.int32(-1))
         self.patch_col = np.append(self.patch_col, np.int32(-1))
 
@@ -95,6 +107,7 @@ class TokenTable:
             out.append({
                 "position": p, "id": int(tid), "text": text, "kind": "image" if img >= 0 else "text",
                 "image_index": img if img >= 0 else None,
+                "grid_index": int(self.grid_index[p]) if img >= 0 else None,
                 "patch_row": int(self.patch_row[p]) if img >= 0 else None,
                 "patch_col": int(self.patch_col[p]) if img >= 0 else None,
             })
@@ -152,6 +165,7 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         kinds = (tokens.image_index[positions] >= 0).astype(np.int8)
         image_idx, patch_row, patch_col = (tokens.image_index[positions], tokens.patch_row[positions],
                                            tokens.patch_col[positions])
+        grid_idx = tokens.grid_index[positions]
         group_index = pa.nulls(n, type=pa.int32())
     else:
         # A group row is about a set of positions: token_masked is its label, token_kind "group",
@@ -162,7 +176,7 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         kinds = np.full(n, 2, np.int8)
         image_idx = np.asarray([-1 if g["image_index"] is None else g["image_index"] for g in groups],
                                np.int32)[gidx]
-        patch_row = patch_col = np.full(n, -1, np.int32)
+        patch_row = patch_col = grid_idx = np.full(n, -1, np.int32)
         group_index = pa.array(gidx, pa.int32())
     f = pa.float64() if float64 else pa.float32()
     null_f = pa.nulls(n, type=f)
@@ -192,6 +206,7 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
         "kl_divergence": opt("kl_divergence"),
         "target_prob_delta": opt("target_prob_delta"),
         "group_index": group_index,
+        "grid_index": _nullable(grid_idx),
     }
     return pa.Table.from_pydict(cols, schema=schema(float64))
 

@@ -120,7 +120,8 @@ def test_decode_with_sinks(backend, level, dtype):
 
 
 def test_decode_is_blocked_over_rows(monkeypatch):
-    """The rows' scores are computed in blocks; a tiny block gives the same result."""
+    """The rows' scores are computed in blocks; a tiny block gives the same result (to float64's rounding:
+    a matrix product's last bit may depend on how many rows it multiplies at once)."""
     T, D, H, KV, B = 13, 8, 4, 2, 5
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, D, generator=g, dtype=torch.float64)
@@ -131,4 +132,5 @@ def test_decode_is_blocked_over_rows(monkeypatch):
     out = decode_attention_reference(q, kp, vp, ko, vo, 0.5, ex)
     whole = sinks.decode_attention(out, q, kp, ko, 0.5, ex, None, None, c)
     monkeypatch.setattr(sinks, "DECODE_BLOCK", 1)
-    torch.testing.assert_close(sinks.decode_attention(out, q, kp, ko, 0.5, ex, None, None, c), whole, rtol=0, atol=0)
+    torch.testing.assert_close(sinks.decode_attention(out, q, kp, ko, 0.5, ex, None, None, c), whole, rtol=1e-14,
+                               atol=1e-15)

@@ -19,9 +19,62 @@ from typing import Any, Callable, ClassVar
 import torch
 
 
+#: Kinds of grid: the whole image as one grid (Qwen), a base view or thumbnail covering the whole image
+#: beside tiles, a tile covering a crop.
+GRID_KINDS = ("image", "base", "thumbnail", "tile")
+
+
+@dataclass
+class GridInfo:
+    """One grid of an image's tokens: ``rows x cols`` tokens, row-major from ``token_start``.
+
+    ``row_stride`` is the distance in positions from one row's first token to the next row's (``cols``
+    when the rows are contiguous; ``cols + 1`` when a separator token ends each row, as LLaVA-OneVision's
+    newline). ``box = (x0, y0, x1, y1)`` is the region of the ORIGINAL image the grid covers, in its pixel
+    coordinates (a grid over a padded canvas may extend beyond the image: the processor's own padding).
+    Positions in the grid's range that are not grid cells (separators) are text-kind tokens.
+    """
+
+    rows: int
+    cols: int
+    token_start: int
+    box: tuple[float, float, float, float]
+    kind: str = "image"
+    row_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRID_KINDS:
+            raise ValueError(f"grid kind {self.kind!r} is not one of {GRID_KINDS}")
+        if self.row_stride is None:
+            self.row_stride = self.cols
+        if self.rows < 1 or self.cols < 1 or self.row_stride < self.cols:
+            raise ValueError(f"bad grid: {self.rows}x{self.cols}, row stride {self.row_stride}")
+
+    @property
+    def token_end(self) -> int:
+        """One past the grid's last cell."""
+        return self.token_start + (self.rows - 1) * self.row_stride + self.cols
+
+    def positions(self) -> list[int]:
+        """The cells' sequence positions, row-major: ``[rows * cols]``."""
+        return [self.token_start + r * self.row_stride + c for r in range(self.rows) for c in range(self.cols)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.rows, "cols": self.cols, "token_start": self.token_start,
+                "token_end": self.token_end, "row_stride": self.row_stride,
+                "box": [float(round(b, 4)) for b in self.box]}
+
+
 @dataclass
 class ImageInfo:
-    """Where one image sits in the sequence and how it was tokenized."""
+    """Where one image sits in the sequence and how it was tokenized.
+
+    ``grids``: the image's token grids (``GridInfo``). A family that makes one grid of the whole image
+    (the Qwen VL line) leaves it empty and gets one grid of kind ``image`` from ``grid_rows``,
+    ``grid_cols`` and ``token_start``; a tiled family (base view or thumbnail plus tiles) lists them all,
+    and ``grid_rows``/``grid_cols`` name the first one (the base view, or the first tile when there is
+    none). ``token_start``/``token_end`` span all of the image's tokens (separators included).
+    """
 
     index: int
     path: str | None
@@ -31,6 +84,16 @@ class ImageInfo:
     token_end: int  # exclusive
     original_size: tuple[int, int]  # (width, height)
     resized_size: tuple[int, int]  # (width, height) after the processor's resize
+    grids: list[GridInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.grids:
+            w, h = self.original_size
+            self.grids = [GridInfo(self.grid_rows, self.grid_cols, self.token_start, (0.0, 0.0, float(w), float(h)))]
+
+    def positions(self) -> list[int]:
+        """Every grid cell's sequence position (the image's image-kind tokens), grid by grid."""
+        return [p for g in self.grids for p in g.positions()]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +105,7 @@ class ImageInfo:
             "token_end": self.token_end,
             "original_size": list(self.original_size),
             "resized_size": list(self.resized_size),
+            "grids": [g.to_dict() for g in self.grids],
         }
 
 
