@@ -218,9 +218,26 @@ def _image(images: Sequence[ImageInfo], index: int, spec: str) -> ImageInfo:
     return images[index]
 
 
+def _single_grid(im: ImageInfo, spec: str) -> ImageInfo:
+    """Blocks and boxes are drawn on one grid covering the image; a tiled image's tokens are in several."""
+    if len(im.grids) > 1:
+        raise GroupSpecError(f"{spec}: image {im.index} is tiled ({len(im.grids)} grids): blocks and boxes "
+                             f"are not supported on tiled images yet; use images or a list of positions")
+    return im
+
+
+def _whole_image(im: ImageInfo, spec: str) -> Group:
+    box = (0.0, 0.0, float(im.original_size[0]), float(im.original_size[1]))
+    if len(im.grids) == 1:
+        return _block(im, spec, f"image {im.index}", (0, im.grid_rows), (0, im.grid_cols), box=box)
+    # A tiled image: every cell of every grid (separators are text tokens, not the image's). No single grid
+    # holds it, so it carries no image geometry (readers show it as a labelled group, like a text group).
+    return Group(spec, f"image {im.index}", tuple(sorted(im.positions())))
+
+
 def _box_group(images: Sequence[ImageInfo], spec: str) -> Group:
     _, image, coords = spec.split(":")
-    im = _image(images, int(image), spec)
+    im = _single_grid(_image(images, int(image), spec), spec)
     x0, y0, x1, y1 = (Fraction(float(x)) for x in coords.split(","))
     w, h = im.original_size
     # Cells c with c W / cols < x1 and (c + 1) W / cols > x0 (exact rational arithmetic: a box edge on a
@@ -242,6 +259,8 @@ def _positions_group(images: Sequence[ImageInfo], positions: tuple[int, ...], sp
     label = f"positions {positions_text(positions)}"
     for im in images:
         if im.token_start <= positions[0] and positions[-1] < im.token_end:
+            if len(im.grids) > 1:  # within a tiled image: no single grid to give rows and columns of
+                return Group(spec, label, positions)
             k = [p - im.token_start for p in positions]
             rows = (min(x // im.grid_cols for x in k), max(x // im.grid_cols for x in k) + 1)
             cols = (min(x % im.grid_cols for x in k), max(x % im.grid_cols for x in k) + 1)
@@ -267,12 +286,11 @@ def resolve_groups(specs: Sequence[str | tuple[int, ...]], images: Sequence[Imag
         if not images:
             raise GroupSpecError(f"{text} needs at least one image")
         if spec == "images":
-            out.extend(_block(im, text, f"image {im.index}", (0, im.grid_rows), (0, im.grid_cols),
-                              box=(0.0, 0.0, float(im.original_size[0]), float(im.original_size[1])))
-                       for im in images)
+            out.extend(_whole_image(im, text) for im in images)
         elif spec.startswith("blocks:"):
             br, bc = (int(x) for x in spec.split(":")[1].split("x"))
             for im in images:
+                _single_grid(im, text)
                 for r0 in range(0, im.grid_rows, br):
                     for c0 in range(0, im.grid_cols, bc):
                         rows, cols = (r0, min(r0 + br, im.grid_rows)), (c0, min(c0 + bc, im.grid_cols))

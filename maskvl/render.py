@@ -52,6 +52,21 @@ class SweepFile:
     patch_row: Any
     patch_col: Any
     group: Any = None  # group_index, -1 for per-token rows (files written before groups: all -1)
+    grid: Any = None  # grid_index within the image, -1 for text (version-1 files: None, one grid per image)
+
+    def image_grids(self, image: int) -> list[dict[str, Any]]:
+        """The image's grids (FORMAT.md version 2); one grid of kind ``image`` for version-1 metadata."""
+        im = (self.metadata.get("images") or [])[image]
+        if im.get("grids"):
+            return list(im["grids"])
+        w, h = im.get("original_size") or (im["grid_cols"], im["grid_rows"])
+        return [{"kind": "image", "rows": im["grid_rows"], "cols": im["grid_cols"], "token_start": im["token_start"],
+                 "row_stride": im["grid_cols"], "box": [0, 0, w, h]}]
+
+    def tiled(self, image: int) -> bool:
+        """Whether the image's tokens are in several grids (or in one that is not the whole image's)."""
+        grids = self.image_grids(image)
+        return len(grids) > 1 or grids[0].get("kind") != "image"
 
     def group_info(self) -> list[dict[str, Any]]:
         """The metadata's group list (empty for per-token files)."""
@@ -72,7 +87,7 @@ def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
         names = pq.read_schema(p).names
         table = pq.read_table(p, columns=["generation_step", "layer", "token_position", "variant", METRICS[metric],
                                           "image_index", "patch_row", "patch_col"]
-                              + (["group_index"] if "group_index" in names else []))
+                              + [c for c in ("group_index", "grid_index") if c in names])
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(f"cannot read {p} as a maskvl Parquet file: {str(exc).splitlines()[0]}") from None
     if not md:
@@ -89,9 +104,10 @@ def read_sweep(path: str | os.PathLike, variant: str, metric: str) -> SweepFile:
         return c.to_numpy()
 
     group = col("group_index", -1) if "group_index" in table.column_names else np.full(table.num_rows, -1)
+    grid = col("grid_index", -1) if "grid_index" in table.column_names else None
     return SweepFile(p, md, col("generation_step"), col("layer"), col("token_position", -1),
                      col(METRICS[metric]).astype(np.float64), col("image_index", -1), col("patch_row", -1),
-                     col("patch_col", -1), group)
+                     col("patch_col", -1), group, grid)
 
 
 def _parse_selection(spec: str | None, available: list[int], what: str) -> list[int]:
@@ -188,6 +204,35 @@ def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, co
     return heat
 
 
+def grid_heat(data: SweepFile, step: int, layer: int, image: int, grid: int) -> np.ndarray:
+    """``[rows, cols]`` values of one grid of a tiled image (NaN where not measured)."""
+    g = data.image_grids(image)[grid]
+    heat = np.full((int(g["rows"]), int(g["cols"])), np.nan)
+    m = (data.step == step) & (data.layer == layer) & (data.image_index == image) & (data.group < 0)
+    if data.grid is not None:
+        m &= data.grid == grid
+    heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+    return heat
+
+
+def tiled_panels(data: SweepFile, image: int) -> list[tuple[str, list[int]]]:
+    """What to draw for a tiled image: ``("mosaic", tile grid indices)`` (the tiles at their boxes over the
+    picture) first, then ``(kind, [grid])`` for each base view or thumbnail (over the whole picture)."""
+    grids = data.image_grids(image)
+    tiles = [i for i, g in enumerate(grids) if g.get("kind") == "tile"]
+    out: list[tuple[str, list[int]]] = [("mosaic", tiles)] if tiles else []
+    return out + [(str(g.get("kind")), [i]) for i, g in enumerate(grids) if g.get("kind") != "tile"]
+
+
+def _panel_extent(data: SweepFile, image: int, grids: list[int]) -> tuple[float, float, float, float]:
+    """The picture and the grids' boxes together, in original-image pixels: ``(x0, y0, x1, y1)``."""
+    im = (data.metadata.get("images") or [])[image]
+    w, h = im.get("original_size") or (1, 1)
+    boxes = [data.image_grids(image)[g]["box"] for g in grids]
+    return (min([0.0] + [b[0] for b in boxes]), min([0.0] + [b[1] for b in boxes]),
+            max([float(w)] + [b[2] for b in boxes]), max([float(h)] + [b[3] for b in boxes]))
+
+
 def _image_specs(data: SweepFile, image: int, sel: Any) -> list[str | None]:
     """What to draw for an image: its per-token grid (None) and/or each group spec with groups in it."""
     out: list[str | None] = []
@@ -259,12 +304,20 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
 
     # Height of each block, in inches: image rows follow the resized image's aspect; strips their lines.
     # Image rows are (step, image, spec): spec None for per-token values, else one group spec.
-    blocks: list[tuple[str, int, Any, float, str | None]] = []
+    # A tiled image's rows are ("tiled", step, image, height, (kind, grids)): its tile mosaic, then its base
+    # view or thumbnail, each at its boxes over the picture.
+    blocks: list[tuple[str, int, Any, float, Any]] = []
     for s in steps:
         for i in image_ids:
             im = images[i]
+            specs = _image_specs(data, i, sel & (data.step == s))
+            if data.tiled(i):
+                for panel in tiled_panels(data, i) if None in specs else []:
+                    x0, y0, x1, y1 = _panel_extent(data, i, panel[1])
+                    blocks.append(("tiled", s, i, PANEL_IN * (y1 - y0) / (x1 - x0) + 0.45, panel))
+                specs = [sp for sp in specs if sp is not None]
             rw, rh = im.get("resized_size") or [im["grid_cols"], im["grid_rows"]]
-            for spec in _image_specs(data, i, sel & (data.step == s)):
+            for spec in specs:
                 blocks.append(("image", s, i, PANEL_IN * rh / rw + 0.45, spec))
         if has_text:
             lines_total = 0
@@ -294,7 +347,36 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
 
     for row, (kind, s, i, _, spec) in enumerate(blocks):
         step_label = f"step {s}" + (f" \u2192 {_chip_text(generated[s])!s}" if s in generated else "")
-        if kind == "image":
+        if kind == "tiled":
+            panel_kind, grid_ids = spec
+            x0, y0, x1, y1 = _panel_extent(data, i, grid_ids)
+            w, h = images[i].get("original_size") or (x1, y1)
+            sub = grid[row].subgridspec(1, ncols, wspace=0.08)
+            for c, layer in enumerate(layers):
+                ax = fig.add_subplot(sub[0, c])
+                bg = backgrounds[i] if i < len(backgrounds) else None
+                if bg is not None:
+                    ax.imshow(np.asarray(bg), extent=(0, w, h, 0), interpolation="bilinear")
+                for g in grid_ids:
+                    bx0, by0, bx1, by1 = data.image_grids(i)[g]["box"]
+                    heat = grid_heat(data, s, layer, i, g)
+                    ax.imshow(np.ma.masked_invalid(heat), extent=(bx0, bx1, by1, by0), cmap=cm, norm=norm,
+                              alpha=alpha if bg is not None else 1.0, interpolation="nearest")
+                    if panel_kind == "mosaic":  # the tiles' seams
+                        ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, edgecolor="white",
+                                               linewidth=0.6, alpha=0.9))
+                ax.set_aspect("equal")  # original-image pixels are square
+                ax.set_xlim(x0, x1)
+                ax.set_ylim(y1, y0)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"layer {layer}", fontsize=8, pad=2)
+                if c == 0:
+                    what = (f"{len(grid_ids)} tiles" if panel_kind == "mosaic"
+                            else f"{panel_kind} {data.image_grids(i)[grid_ids[0]]['rows']}x"
+                                 f"{data.image_grids(i)[grid_ids[0]]['cols']}")
+                    ax.set_ylabel(f"{step_label}\nimage {i}: {what}", fontsize=8, parse_math=False)
+        elif kind == "image":
             im = images[i]
             gr, gc = int(im["grid_rows"]), int(im["grid_cols"])
             rw, rh = im.get("resized_size") or [gc, gr]

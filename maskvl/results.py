@@ -286,8 +286,27 @@ class Sweep:
 
     @property
     def grids(self) -> list[tuple[int, int]]:
-        """``(rows, cols)`` of each image's merged-token grid."""
+        """``(rows, cols)`` of each image's (first) merged-token grid; :meth:`image_grids` lists them all."""
         return [(int(im["grid_rows"]), int(im["grid_cols"])) for im in self.images]
+
+    def image_grids(self, image: int = 0) -> list[dict[str, Any]]:
+        """The token grids of ``image``, in token order: ``kind`` (``image``, ``base``, ``thumbnail``,
+        ``tile``), ``rows``, ``cols``, ``token_start``, ``token_end``, ``row_stride`` and ``box`` (x0, y0,
+        x1, y1 in the original image's pixels). A version-1 file has one grid per image covering it."""
+        im = self._image(image)
+        if im.get("grids"):
+            return [dict(g) for g in im["grids"]]
+        w, h = im.get("original_size") or (0, 0)
+        return [{"kind": "image", "rows": int(im["grid_rows"]), "cols": int(im["grid_cols"]),
+                 "token_start": int(im["token_start"]), "token_end": int(im["token_end"]),
+                 "row_stride": int(im["grid_cols"]), "box": [0.0, 0.0, float(w), float(h)]}]
+
+    def _grid_of(self, image: int, grid: Any) -> tuple[int, dict[str, Any]]:
+        grids = self.image_grids(image)
+        if not _is_int(grid) or not 0 <= int(grid) < len(grids):
+            kinds = ", ".join(f"{i} {g['kind']} {g['rows']}x{g['cols']}" for i, g in enumerate(grids))
+            raise InputError(f"grid {grid!r} is not in image {image} (its grids: {kinds})")
+        return int(grid), grids[int(grid)]
 
     @property
     def groups(self) -> list[dict[str, Any]]:
@@ -443,28 +462,29 @@ class Sweep:
             yield row
 
     def grid(self, image: int = 0, step: int = 0, layer: int | None = None, variant: str = "Full",
-             metric: str = "l2", spec: str | None = None) -> np.ndarray:
+             metric: str = "l2", spec: str | None = None, grid: int = 0) -> np.ndarray:
         """One image's merged-token grid at one step and layer: ``[rows, cols]`` float64, NaN where not
         measured. ``layer=None`` is the last measured layer; ``metric``: ``l2``, ``cosine``, and for the
         ``Logits`` variant ``kl`` and ``target_prob`` (or the column names). In a group run each group's
         value fills all of its cells; ``spec`` picks the groups (``"blocks:4x4"``...) when several specs
-        cover the image."""
+        cover the image. ``grid``: which of a tiled image's grids (:meth:`image_grids`; 0 for the Qwen line)."""
         step, layer = self._step(step), self._layer(layer)
         self._head_at(variant, layer)
-        return self.maps(image, [step], [layer], variant, metric, spec)[0, 0]
+        return self.maps(image, [step], [layer], variant, metric, spec, grid)[0, 0]
 
     def maps(self, image: int = 0, steps: int | Sequence[int] | None = None,
              layers: int | Sequence[int] | None = None, variant: str = "Full", metric: str = "l2",
-             spec: str | None = None) -> np.ndarray:
+             spec: str | None = None, grid: int = 0) -> np.ndarray:
         """One image's grids for several steps and layers: ``[steps, layers, rows, cols]`` float64, NaN
         where not measured. ``steps``/``layers``: one value, a list, or None for all (ascending).
-        ``spec`` as in :meth:`grid`."""
+        ``spec`` and ``grid`` as in :meth:`grid`."""
         im = self._image(image)
         steps_l = self._many(steps, self._step, self.steps)
         layers_l = self._many(layers, self._layer, self.layers)
         variant = self._variant(variant)
         col = self._metric(metric, [variant])
-        rows, cols = int(im["grid_rows"]), int(im["grid_cols"])
+        grid, g = self._grid_of(int(image), grid)
+        rows, cols = int(g["rows"]), int(g["cols"])
         out = np.full((len(steps_l), len(layers_l), rows, cols), np.nan)
         # Index of each step / layer along the output's first two axes.
         si = np.zeros(max(steps_l) + 1, np.int64)
@@ -472,7 +492,7 @@ class Sweep:
         li = np.zeros(max(layers_l) + 1, np.int64)
         li[layers_l] = np.arange(len(layers_l))
         if self.groups:
-            cells = self._group_cells(int(image), spec)
+            cells = self._group_cells(int(image), spec, g)
             flat = out.reshape(len(steps_l), len(layers_l), rows * cols)
             for r in self._rows(steps_l, layers_l, [variant], [col, "group_index"]):
                 for g, s_, l_, v in zip(r["group_index"].tolist(), r["generation_step"].tolist(),
@@ -482,15 +502,19 @@ class Sweep:
             return out
         if spec is not None:
             raise InputError("spec selects groups; this sweep measured single tokens (no mask_groups)")
-        for r in self._rows(steps_l, layers_l, [variant], [col, "image_index", "patch_row", "patch_col"]):
+        # grid_index: version-2 files (a version-1 file has one grid per image).
+        has_grid = "grid_index" in self._src.schema.names
+        for r in self._rows(steps_l, layers_l, [variant],
+                            [col, "image_index", "patch_row", "patch_col"] + (["grid_index"] if has_grid else [])):
             m = r["image_index"] == int(image)
+            if has_grid:
+                m &= r["grid_index"] == grid
             out[si[r["generation_step"][m]], li[r["layer"][m]], r["patch_row"][m], r["patch_col"][m]] = r[col][m]
         return out
 
-    def _group_cells(self, image: int, spec: str | None) -> dict[int, np.ndarray]:
-        """Group index -> the flat grid cells of ``image`` its members cover, for the groups of ``spec``
-        within that image (the only spec there when ``spec`` is None)."""
-        im = self.images[image]
+    def _group_cells(self, image: int, spec: str | None, grid: dict[str, Any]) -> dict[int, np.ndarray]:
+        """Group index -> the flat cells of ``grid`` (one of ``image``'s grids) its members cover, for the
+        groups of ``spec`` within that image (the only spec there when ``spec`` is None)."""
         mine = [g for g in self.groups if g.get("image_index") == image]
         specs = list(dict.fromkeys(str(g["spec"]) for g in mine))
         if spec is None:
@@ -499,9 +523,16 @@ class Sweep:
         elif spec not in specs:
             have = ", ".join(specs) if specs else "none"
             raise InputError(f"no groups of spec {spec!r} in image {image} (its specs: {have})")
-        start = int(im["token_start"])
-        return {int(g["index"]): np.asarray(g["positions"], np.int64) - start
-                for g in mine if spec is None or g["spec"] == spec}
+        start, stride, rows, cols = (int(grid["token_start"]), int(grid.get("row_stride") or grid["cols"]),
+                                     int(grid["rows"]), int(grid["cols"]))
+
+        def cells(positions: list[int]) -> np.ndarray:
+            k = np.asarray(positions, np.int64) - start
+            r, c = k // stride, k % stride
+            keep = (k >= 0) & (r < rows) & (c < cols)
+            return r[keep] * cols + c[keep]
+
+        return {int(g["index"]): cells(g["positions"]) for g in mine if spec is None or g["spec"] == spec}
 
     def _per_token(self, what: str) -> None:
         if self.groups:
@@ -658,7 +689,9 @@ class Sweep:
         except KeyError:
             raise InputError(f"unknown colour map {cmap!r}") from None
         grouped = "group_index" in self._src.schema.names
-        cols = ["token_position", col, "image_index", "patch_row", "patch_col"] + (["group_index"] if grouped else [])
+        gridded = "grid_index" in self._src.schema.names
+        cols = (["token_position", col, "image_index", "patch_row", "patch_col"] + (["group_index"] if grouped else [])
+                + (["grid_index"] if gridded else []))
         parts = list(self._rows(steps_l, layers_l, [variant], cols))
 
         def arr(name: str) -> np.ndarray:
@@ -667,7 +700,8 @@ class Sweep:
         data = render.SweepFile(self.path, self.metadata, arr("generation_step"), arr("layer"),
                                 arr("token_position"), arr(col), arr("image_index"), arr("patch_row"),
                                 arr("patch_col"),
-                                arr("group_index") if grouped else np.full(len(arr("layer")), -1))
+                                arr("group_index") if grouped else np.full(len(arr("layer")), -1),
+                                arr("grid_index") if gridded else None)
         backgrounds = []
         for i, im in enumerate(self.images):
             bg, why = render._load_background(im.get("path"), images[i] if i < len(images) else None)

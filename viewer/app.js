@@ -307,7 +307,9 @@
       return {
         image: plain(v.imageVals), text: plain(v.textVals), textPositions: app.layout.textPositions.slice(),
         images: app.layout.images.map((im) => ({ rows: im.rows, cols: im.cols, start: im.start, count: im.count, cellBase: im.cellBase,
-          index: im.index, spec: im.spec === undefined ? null : im.spec })),
+          index: im.index, spec: im.spec === undefined ? null : im.spec, kind: im.kind || 'image',
+          parts: im.parts ? im.parts.map((p) => ({ rows: p.rows, cols: p.cols, start: p.start, stride: p.stride, offset: p.offset,
+            rect: p.rect.slice(), grid: p.grid, kind: p.kind })) : null })),
       };
     },
     imagesLoaded: () => app.imagesLoaded.map((x) => !!x),

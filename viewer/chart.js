@@ -59,8 +59,8 @@
     if (app.layout.grouped) {
       where = app.layout.posImg[q] >= 0 ? ` · image ${app.layout.images[app.layout.posImg[q]].index}` : '';
     } else if (app.layout.posImg[q] >= 0) {
-      const im = app.layout.images[app.layout.posImg[q]], k = q - im.start;
-      where = ` · image ${im.index} row ${Math.floor(k / im.cols)} col ${k % im.cols}`;
+      const at = mv.grid.cellPlace(app.layout.posCell[q]);
+      where = at ? ` · ${mv.grid.gridName(at.im, at.part)} row ${at.r} col ${at.c}` : '';
     }
     const what = app.layout.grouped ? `group ${q}` : `position ${q}`;
     $('pin-title').textContent = `Pinned: ${JSON.stringify(pr.texts[q])} at ${what}${where} · ${mv.grid.currentMetricInfo().label} · ${app.ds.variants[app.state.variant]} across layers (one line per step; Esc to unpin)${progress}`;

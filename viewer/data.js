@@ -136,8 +136,8 @@
         throw new UserError('The file\'s "maskvl" metadata is not valid JSON: ' + e.message);
       }
       if (!meta || typeof meta !== 'object') throw new UserError('The file\'s "maskvl" metadata is not a JSON object.');
-      if (meta.format_version !== 1) {
-        throw new UserError(`Unsupported maskvl format_version ${JSON.stringify(meta.format_version)}; this viewer reads version 1.`);
+      if (meta.format_version !== 1 && meta.format_version !== 2) {
+        throw new UserError(`Unsupported maskvl format_version ${JSON.stringify(meta.format_version)}; this viewer reads versions 1 and 2.`);
       }
     }
     const colNames = new Set(md.schema.slice(1).map((s) => s.name));
@@ -934,6 +934,51 @@
   // ----------------------------------------------------------------- layout
 
   /**
+   * The drawn entries of an image with several grids (format version 2: a base
+   * view or thumbnail beside tiles): one entry per base/thumbnail grid over the
+   * whole picture, and one "mosaic" entry whose parts are the tiles, each drawn
+   * at its box over the picture. A part: { rows, cols, start, stride, offset
+   * (its first cell within the entry), rect [x0, y0, x1, y1] (0..1 of the
+   * entry's extent), grid (its index in the image's grids), kind }. An entry's
+   * rows × cols is the cell raster it is sized by (the finest part's density
+   * over the extent); `count` its cells; `photo` the picture's rect in it.
+   */
+  function tiledEntries(im, i, grids) {
+    const orig = Array.isArray(im.original_size) && im.original_size.every((x) => x > 0) ? im.original_size : null;
+    const checked = grids.map((g, gi) => {
+      const ok = g && [g.rows, g.cols, g.token_start].every(Number.isInteger) && g.rows > 0 && g.cols > 0
+        && (g.row_stride === undefined || (Number.isInteger(g.row_stride) && g.row_stride >= g.cols))
+        && Array.isArray(g.box) && g.box.length === 4 && g.box.every(Number.isFinite) && g.box[2] > g.box[0] && g.box[3] > g.box[1];
+      if (!ok) throw new UserError(`Image ${i}, grid ${gi} in the metadata is inconsistent (${JSON.stringify(g).slice(0, 120)}).`);
+      return { rows: g.rows, cols: g.cols, start: g.token_start, stride: g.row_stride === undefined ? g.cols : g.row_stride,
+        box: g.box, grid: gi, kind: typeof g.kind === 'string' ? g.kind : 'tile' };
+    });
+    const [W, H] = orig || [checked[0].box[2], checked[0].box[3]];
+    const entry = (kind, parts) => {
+      // the extent: the picture and every part's box (a box may reach into the processor's padding)
+      const ex = [0, 0, W, H];
+      for (const p of parts) { ex[0] = Math.min(ex[0], p.box[0]); ex[1] = Math.min(ex[1], p.box[1]); ex[2] = Math.max(ex[2], p.box[2]); ex[3] = Math.max(ex[3], p.box[3]); }
+      const ew = ex[2] - ex[0], eh = ex[3] - ex[1];
+      const norm = (b) => [(b[0] - ex[0]) / ew, (b[1] - ex[1]) / eh, (b[2] - ex[0]) / ew, (b[3] - ex[1]) / eh];
+      let offset = 0, perW = 0, perH = 0;
+      const out = parts.map((p) => {
+        const rect = norm(p.box);
+        perW = Math.max(perW, p.cols / (rect[2] - rect[0]));
+        perH = Math.max(perH, p.rows / (rect[3] - rect[1]));
+        const part = Object.assign({}, p, { rect, offset });
+        offset += p.rows * p.cols;
+        return part;
+      });
+      const cols = Math.max(1, Math.round(perW)), rows = Math.max(1, Math.round(perH));
+      return { kind, parts: out, rows, cols, start: out[0].start, count: offset, resized: [ew, eh], photo: norm([0, 0, W, H]) };
+    };
+    const entries = checked.filter((g) => g.kind !== 'tile').map((g) => entry(g.kind, [g]));
+    const tiles = checked.filter((g) => g.kind === 'tile');
+    if (tiles.length) entries.unshift(entry('mosaic', tiles));
+    return entries;
+  }
+
+  /**
    * Where each position of a prompt goes: image cell or text chip.
    * Uses metadata images when present, else detects image tokens by name.
    * Each entry of `images` is one grid drawn (`entry` its index); `index` is
@@ -950,16 +995,23 @@
     let msg = '';
     if (meta && Array.isArray(meta.images) && meta.images.length) {
       meta.images.forEach((im, i) => {
+        const base = {
+          index: i, positions: null,
+          path: typeof im.path === 'string' ? im.path : null,
+          resized: Array.isArray(im.resized_size) ? im.resized_size : null,
+          original: Array.isArray(im.original_size) ? im.original_size : null,
+        };
+        const grids = Array.isArray(im.grids) ? im.grids : [];
+        if (grids.length > 1 || (grids.length === 1 && grids[0] && grids[0].kind !== 'image')) {
+          for (const e of tiledEntries(im, i, grids)) images.push(Object.assign({}, base, e));
+          return;
+        }
+        // One grid covering the image (format version 1, and the Qwen line in version 2).
         const rows = im.grid_rows, cols = im.grid_cols, start = im.token_start, end = im.token_end;
         if (![rows, cols, start, end].every(Number.isInteger) || rows <= 0 || cols <= 0 || end - start !== rows * cols) {
           throw new UserError(`Image ${i} in the metadata is inconsistent (grid ${rows}×${cols}, tokens ${start}..${end}).`);
         }
-        images.push({
-          index: i, rows, cols, start, count: end - start, positions: null,
-          path: typeof im.path === 'string' ? im.path : null,
-          resized: Array.isArray(im.resized_size) ? im.resized_size : null,
-          original: Array.isArray(im.original_size) ? im.original_size : null,
-        });
+        images.push(Object.assign(base, { kind: 'image', rows, cols, start, count: end - start }));
       });
     } else {
       // prototype: image tokens by name; runs of consecutive grid tokens are images
@@ -989,6 +1041,17 @@
     let cellBase = 0;
     images.forEach((im, i) => {
       im.cellBase = cellBase;
+      if (im.parts) {
+        // A tiled image's grids: each part's cells in its own row-major order, rows `stride` apart.
+        for (const pt of im.parts) {
+          for (let k = 0; k < pt.rows * pt.cols; k++) {
+            const q = pt.start + Math.floor(k / pt.cols) * pt.stride + (k % pt.cols);
+            if (q < nPos) { posImg[q] = i; posCell[q] = cellBase + pt.offset + k; }
+          }
+        }
+        cellBase += im.count;
+        return;
+      }
       for (let k = 0; k < im.count; k++) {
         const q = im.start + k;
         if (q < nPos) { posImg[q] = i; posCell[q] = cellBase + k; }

@@ -24,6 +24,38 @@
     return [w, Math.max(2, Math.round(w * aspect))];
   }
 
+  /** The drawn parts of an entry: a tiled image's grids (data.js tiledEntries), else the entry as one part. */
+  function partsOf(im) {
+    if (!im.parts) im.parts = [{ rows: im.rows, cols: im.cols, start: im.start, stride: im.cols, offset: 0, rect: [0, 0, 1, 1], grid: null, kind: im.kind || 'image' }];
+    return im.parts;
+  }
+
+  /** Where a cell (a global index into the image values) is drawn: { im, part, k, r, c } or null. */
+  function cellPlace(cell) {
+    for (const im of app.layout.images) {
+      const parts = partsOf(im);
+      const n = parts.reduce((a, p) => a + p.rows * p.cols, 0);
+      if (cell < im.cellBase || cell >= im.cellBase + n) continue;
+      for (const part of parts) {
+        const k = cell - im.cellBase - part.offset;
+        if (k >= 0 && k < part.rows * part.cols) return { im, part, k, r: Math.floor(k / part.cols), c: k % part.cols };
+      }
+    }
+    return null;
+  }
+
+  /** A grid's name for hover and status text: "image 0", "image 0 tile 2", "image 0 thumbnail". */
+  function gridName(im, part) {
+    if (!im.parts || part.grid === null) return `image ${im.index}`;
+    return `image ${im.index} ${part.kind}` + (part.kind === 'tile' ? ` ${im.parts.indexOf(part)}` : '') + ` (grid ${part.grid})`;
+  }
+
+  /** A part's rect in canvas pixels. */
+  function partRect(canvas, part) {
+    const [x0, y0, x1, y1] = part.rect;
+    return [x0 * canvas.width, y0 * canvas.height, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height];
+  }
+
   /** Build the DOM of one view (image canvases + chips), reused across renders. */
   function buildView(container, which) {
     container.replaceChildren();
@@ -38,13 +70,21 @@
       canvas.height = Math.round(im.rows * ch * dpr);
       canvas.style.width = im.cols * cw + 'px';
       canvas.style.height = im.rows * ch + 'px';
-      const small = document.createElement('canvas');
-      small.width = im.cols; small.height = im.rows;
-      const what = im.spec !== undefined ? `groups ${im.spec} (${im.groups.length})` : `grid (${im.count} tokens)`;
-      const caption = el('div', { className: 'caption', text: `Image ${im.index} · ${im.rows}×${im.cols} ${what}` + (im.path ? ' · ' + im.path.split(/[\\/]/).pop() : '') });
-      const block = el('div', { className: 'image-block', 'data-image': String(im.index) }, caption, canvas);
+      const parts = partsOf(im).map((part) => {
+        const small = document.createElement('canvas');
+        small.width = part.cols; small.height = part.rows;
+        const smallCtx = small.getContext('2d');
+        return { part, small, smallCtx, img: smallCtx.createImageData(part.cols, part.rows) };
+      });
+      let what;
+      if (im.spec !== undefined) what = `${im.rows}×${im.cols} groups ${im.spec} (${im.groups.length})`;
+      else if (im.kind === 'mosaic') what = `${im.parts.length} tiles (${im.parts.map((p) => `${p.rows}×${p.cols}`).join(', ')}, ${im.count} tokens)`;
+      else if (im.parts && im.parts[0].grid !== null) what = `${im.kind} ${im.rows}×${im.cols} grid (${im.count} tokens)`;
+      else what = `${im.rows}×${im.cols} grid (${im.count} tokens)`;
+      const caption = el('div', { className: 'caption', text: `Image ${im.index} · ${what}` + (im.path ? ' · ' + im.path.split(/[\\/]/).pop() : '') });
+      const block = el('div', { className: 'image-block', 'data-image': String(im.index), 'data-kind': im.kind || 'image' }, caption, canvas);
       imgWrap.append(block);
-      const b = { im, canvas, small, smallCtx: small.getContext('2d'), ctx: canvas.getContext('2d'), cw, ch, img: small.getContext('2d').createImageData(im.cols, im.rows) };
+      const b = { im, canvas, parts, ctx: canvas.getContext('2d'), cw, ch };
       v.blocks.push(b);
       canvas.addEventListener('mousemove', (e) => hoverCell(e, v, b));
       canvas.addEventListener('mouseleave', hideTip);
@@ -190,43 +230,57 @@
   }
 
   function drawImageBlock(v, b, sc, lut) {
-    const { im, img, smallCtx, small, ctx, canvas } = b;
-    const d = img.data;
+    const { im, ctx, canvas } = b;
     const vals = v.imageVals;
-    for (let k = 0; k < im.rows * im.cols; k++) {
-      const x = vals[im.cellBase + k];
-      const o = k * 4;
-      if (Number.isFinite(x)) {
-        const li = lutIndex(x, sc) * 3;
-        d[o] = lut.rgb[li]; d[o + 1] = lut.rgb[li + 1]; d[o + 2] = lut.rgb[li + 2]; d[o + 3] = 255;
-      } else {
-        d[o] = 200; d[o + 1] = 200; d[o + 2] = 200; d[o + 3] = 90; // no value (padding cell or missing row)
+    for (const { part, img, smallCtx } of b.parts) {
+      const d = img.data;
+      const base = im.cellBase + part.offset;
+      for (let k = 0; k < part.rows * part.cols; k++) {
+        const x = vals[base + k];
+        const o = k * 4;
+        if (Number.isFinite(x)) {
+          const li = lutIndex(x, sc) * 3;
+          d[o] = lut.rgb[li]; d[o + 1] = lut.rgb[li + 1]; d[o + 2] = lut.rgb[li + 2]; d[o + 3] = 255;
+        } else {
+          d[o] = 200; d[o + 1] = 200; d[o + 2] = 200; d[o + 3] = 90; // no value (padding cell or missing row)
+        }
       }
+      smallCtx.putImageData(img, 0, 0);
     }
-    smallCtx.putImageData(img, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.globalAlpha = 1;
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     const photo = app.imagesLoaded[im.index];
     if (photo) {
-      // The grid covers the resized image exactly, so stretch the image to the grid's extent.
+      // A single grid covers the resized image exactly, so the image is stretched to the grid's extent;
+      // a tiled image's entry places the picture in its extent (tiles may reach into the padding).
+      const [x0, y0, x1, y1] = im.photo || [0, 0, 1, 1];
       ctx.imageSmoothingEnabled = true;
-      ctx.drawImage(photo, 0, 0, canvas.width, canvas.height);
+      ctx.drawImage(photo, x0 * canvas.width, y0 * canvas.height, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height);
       ctx.imageSmoothingEnabled = false;
       ctx.globalAlpha = app.state.opacity;
     }
-    ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+    for (const { part, small } of b.parts) ctx.drawImage(small, ...partRect(canvas, part));
     ctx.globalAlpha = 1;
+    if (im.kind === 'mosaic') {
+      // each tile's outline, so that the mosaic's seams show
+      ctx.lineWidth = 1;
+      ctx.strokeStyle = 'rgba(255,255,255,0.9)';
+      for (const { part } of b.parts) { const [x, y, w, h] = partRect(canvas, part); ctx.strokeRect(x + 0.5, y + 0.5, w - 1, h - 1); }
+    }
     if (app.layout.grouped) { drawGroupOutlines(b); return; }
     if (app.state.pinned >= 0 && app.layout.posImg[app.state.pinned] === im.entry) {
-      const k = app.layout.posCell[app.state.pinned] - im.cellBase;
-      const sx = canvas.width / im.cols, sy = canvas.height / im.rows;
+      const at = cellPlace(app.layout.posCell[app.state.pinned]);
+      if (!at) return;
+      const [px, py, pw, ph] = partRect(canvas, at.part);
+      const sx = pw / at.part.cols, sy = ph / at.part.rows;
+      const x = px + at.c * sx, y = py + at.r * sy;
       ctx.lineWidth = Math.max(2, sx / 8);
       ctx.strokeStyle = '#000';
-      ctx.strokeRect((k % im.cols) * sx + 1, Math.floor(k / im.cols) * sy + 1, sx - 2, sy - 2);
+      ctx.strokeRect(x + 1, y + 1, sx - 2, sy - 2);
       ctx.strokeStyle = '#fff';
       ctx.lineWidth = 1;
-      ctx.strokeRect((k % im.cols) * sx + 2.5, Math.floor(k / im.cols) * sy + 2.5, sx - 5, sy - 5);
+      ctx.strokeRect(x + 2.5, y + 2.5, sx - 5, sy - 5);
     }
   }
 
@@ -306,15 +360,15 @@
 
   function statsLine(kind, sc, v) {
     if (kind === 'image') {
-      const grids = app.layout.images.map((im) => `${im.rows}×${im.cols}`).join(' + ');
+      const grids = app.layout.images.map((im) => (im.kind === 'mosaic' ? `${im.parts.length} tiles` : `${im.rows}×${im.cols}`)).join(' + ');
       let arg = -1, best = -Infinity;
       for (let i = 0; i < v.imageVals.length; i++) { const x = v.imageVals[i]; if (x > best) { best = x; arg = i; } }
       let where = '';
       if (arg >= 0) {
-        const im = app.layout.images.find((m) => arg >= m.cellBase && arg < m.cellBase + m.rows * m.cols);
-        const k = arg - im.cellBase;
+        const at = cellPlace(arg);
+        const im = at.im, k = arg - im.cellBase;
         where = im.cellGroup ? ` at ${JSON.stringify(app.ds.prompts[0].texts[im.cellGroup[k]])} (group ${im.cellGroup[k]})`
-          : ` at image ${im.index} r${Math.floor(k / im.cols)} c${k % im.cols}`;
+          : ` at ${gridName(im, at.part)} r${at.r} c${at.c}`;
       }
       return `image: max ${fmt(best === -Infinity ? NaN : best)}${where} · mean ${fmt(sc.mean)} · count ${sc.count} · grid ${grids}` +
         (excludedCells() ? ' · scale excludes first image token' : '') +
@@ -356,10 +410,21 @@
     return fmt(sc.lo + (sc.scaling === 'sqrt' ? t * t : t) * (sc.max - sc.lo));
   }
 
+  /** The position (or group) under the pointer, or -1. */
   function cellAt(e, b) {
     const rect = b.canvas.getBoundingClientRect();
-    const c = Math.floor(((e.clientX - rect.left) / rect.width) * b.im.cols);
-    const r = Math.floor(((e.clientY - rect.top) / rect.height) * b.im.rows);
+    const fx = (e.clientX - rect.left) / rect.width, fy = (e.clientY - rect.top) / rect.height;
+    if (b.im.parts && b.im.parts[0].grid !== null) {
+      for (const part of b.im.parts) {
+        const [x0, y0, x1, y1] = part.rect;
+        if (fx < x0 || fy < y0 || fx >= x1 || fy >= y1) continue;
+        const c = Math.floor(((fx - x0) / (x1 - x0)) * part.cols), r = Math.floor(((fy - y0) / (y1 - y0)) * part.rows);
+        return part.start + r * part.stride + c;
+      }
+      return -1;
+    }
+    const c = Math.floor(fx * b.im.cols);
+    const r = Math.floor(fy * b.im.rows);
     if (c < 0 || r < 0 || c >= b.im.cols || r >= b.im.rows) return -1;
     const k = r * b.im.cols + c;
     if (k >= b.im.count) return -1;
@@ -387,9 +452,10 @@
       showTip(e, `${app.ds.prompts[0].texts[q]}  group ${q} (${b.im.spec})\nimage ${b.im.index} · ${app.layout.posCells[q].length} tokens\n${currentMetricInfo().label}: ${fmt(x)}`);
       return;
     }
-    const k = q - b.im.start;
-    const x = v.imageVals[b.im.cellBase + k];
-    showTip(e, `${visibleText(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\nimage ${b.im.index} · row ${Math.floor(k / b.im.cols)} col ${k % b.im.cols}\n${currentMetricInfo().label}: ${fmt(x)}`);
+    const at = cellPlace(app.layout.posCell[q]);
+    if (!at) { hideTip(); return; }
+    const x = v.imageVals[app.layout.posCell[q]];
+    showTip(e, `${visibleText(app.ds.prompts[app.state.prompt].texts[q])}  pos ${q}\n${gridName(at.im, at.part)} · row ${at.r} col ${at.c}\n${currentMetricInfo().label}: ${fmt(x)}`);
   }
 
   function hoverChip(e, v, q) {
@@ -444,9 +510,15 @@
       const put = (x, y, li, lut) => { const o = (y * W + x) * 4; d[o] = lut.rgb[li * 3]; d[o + 1] = lut.rgb[li * 3 + 1]; d[o + 2] = lut.rgb[li * 3 + 2]; d[o + 3] = 255; };
       let x0 = 0;
       for (const im of app.layout.images) {
-        for (let k = 0; k < im.rows * im.cols; k++) {
-          const x = vals[h].img[im.cellBase + k];
-          if (Number.isFinite(x)) put(x0 + (k % im.cols), Math.floor(k / im.cols), lutIndex(x, scI), lutI);
+        // each part's cells at its place in the entry's rows × cols raster (a tile mosaic assembled)
+        for (const part of partsOf(im)) {
+          const rx = part.rect[0] * im.cols, ry = part.rect[1] * im.rows;
+          const sx = ((part.rect[2] - part.rect[0]) * im.cols) / part.cols, sy = ((part.rect[3] - part.rect[1]) * im.rows) / part.rows;
+          for (let k = 0; k < part.rows * part.cols; k++) {
+            const x = vals[h].img[im.cellBase + part.offset + k];
+            const px = Math.min(im.cols - 1, Math.floor(rx + (k % part.cols) * sx)), py = Math.min(im.rows - 1, Math.floor(ry + Math.floor(k / part.cols) * sy));
+            if (Number.isFinite(x)) put(x0 + px, py, lutIndex(x, scI), lutI);
+          }
         }
         x0 += im.cols + 1;
       }
@@ -544,6 +616,6 @@
 
   mv.grid = {
     rebuildViews, gather, makeScale, scaleNote, lutIndex, drawImageBlock, drawChips, excludedCells, currentMetricInfo,
-    viewParams, viewTitle, statsLine, drawColourbar, hideTip, moveTip, drawHeads, exportName, exportPNG,
+    viewParams, viewTitle, statsLine, drawColourbar, hideTip, moveTip, drawHeads, exportName, exportPNG, cellPlace, gridName,
   };
 })(window.maskvl = window.maskvl || {});
