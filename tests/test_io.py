@@ -34,7 +34,7 @@ def test_file_format(adapter32, images, tmp_path):
         assert (step.min, step.max, layer.min, layer.max) == (i // 3, i // 3, i % 3, i % 3)
     t = pf.read().to_pandas()
     md = io.read_metadata(out)
-    assert md["complete"] and md["steps_completed"] == 2 and md["format_version"] == 1
+    assert md["complete"] and md["steps_completed"] == 2 and md["format_version"] == 2
     assert md["mask_mode"] == "both" and md["variants"] == measures.variant_names(6)
     assert [(i["grid_rows"], i["grid_cols"]) for i in md["images"]] == [(2, 3), (4, 2)]
     assert md["images"][0]["original_size"] == [96, 64]

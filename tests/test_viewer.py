@@ -623,9 +623,9 @@ def test_malformed_files_give_a_message(viewer, tmp_path, two_images):
     cols = tmp_path / "columns.parquet"
     pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), cols)
     cases.append((cols, "Missing column(s)"))
-    v2 = tmp_path / "v2.parquet"
-    make_maskvl_file(v2, grids=((2, 2),), num_heads=1, logits=False, meta_update={"format_version": 2})
-    cases.append((v2, "format_version 2"))
+    v3 = tmp_path / "v3.parquet"
+    make_maskvl_file(v3, grids=((2, 2),), num_heads=1, logits=False, meta_update={"format_version": 3})
+    cases.append((v3, "format_version 3"))
     v = viewer().goto()
     for path, phrase in cases:
         load = v.open(path, wait_ok=False)
