@@ -100,7 +100,15 @@ def sweep(model: str, images: tuple[str, ...], prompt: str, output: str | None, 
         if bar is not None:
             bar.close()
     md = res.metadata
-    grids = ", ".join(f"{im['grid_rows']}x{im['grid_cols']}" for im in md["images"]) or "none (text-only)"
+    def grid_text(im: dict) -> str:
+        gs = im.get("grids") or []
+        if len(gs) <= 1:
+            return f"{im['grid_rows']}x{im['grid_cols']}"
+        tiles = [g for g in gs if g["kind"] == "tile"]
+        whole = [f"{g['kind']} {g['rows']}x{g['cols']}" for g in gs if g["kind"] != "tile"]
+        return " + ".join(([f"{len(tiles)} tiles"] if tiles else []) + whole)
+
+    grids = ", ".join(grid_text(im) for im in md["images"]) or "none (text-only)"
     click.echo(f"tokens      {len(md['tokens'])} ({sum(t['kind'] == 'image' for t in md['tokens'])} image)")
     click.echo(f"image grids {grids}")
     if md.get("groups"):
