@@ -33,6 +33,7 @@ import torch
 
 from . import measures
 from .errors import InputError, OutOfMemory
+from .groups import positions_text
 from .models.base import Capture, ModelAdapter, Prepared
 from .ops import Backend, get_backend, head_grams, sinks
 from .options import OPTIONS
@@ -45,20 +46,6 @@ def _attend_with_sinks(decode_attention: Callable[..., torch.Tensor], sink: torc
     """A backend's decode attention with the layer's sinks ``[H]`` in the denominator (``maskvl/ops/sinks.py``)."""
     out = decode_attention(q, k_prefix, v_prefix, k_own, v_own, scale, exclude, exclude_sets, exclude_set)
     return sinks.decode_attention(out, q, k_prefix, k_own, scale, exclude, exclude_sets, exclude_set, sink)
-
-def _ranges(values: Sequence[int]) -> str:
-    """``[0, 1, 2, 4, 5]`` -> ``"0-2, 4-5"``."""
-    out: list[str] = []
-    vals = sorted(values)
-    i = 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ", ".join(out)
-
 
 @dataclass
 class SweepConfig:
@@ -466,15 +453,15 @@ class Engine:
             bad = [layer for layer in layers if layer in linear]
             if bad:
                 raise InputError(f"{OPTIONS['mask_groups'].label} is not supported at linear-attention layers "
-                                 f"({_ranges(bad)} of those selected); select full-attention layers with "
-                                 f"{OPTIONS['layers'].label} ({_ranges(attention) or 'none'})")
+                                 f"({positions_text(bad, ', ')} of those selected); select full-attention layers with "
+                                 f"{OPTIONS['layers'].label} ({positions_text(attention, ', ') or 'none'})")
         if config.logits and config.knockout_window > 1:
             bad = [layer for layer in layers
                    if any(k in linear for k in range(layer + 1, min(layer + config.knockout_window, a.num_layers)))]
             if bad:
                 raise InputError(f"{OPTIONS['knockout_window'].label} {config.knockout_window} reaches a "
                                  f"linear-attention layer after measured layer {bad[0]}; that is not supported "
-                                 f"(linear-attention layers: {_ranges(linear)}): use window 1 or other layers")
+                                 f"(linear-attention layers: {positions_text(linear, ', ')}): use window 1 or other layers")
 
     def run(self, prepared: Prepared, config: SweepConfig,
             on_layer: Callable[[int, int], None] | None = None,

@@ -88,8 +88,8 @@ def _fmt(x: float) -> str:
     return f"{x:g}" if float(x) == float(f"{x:g}") else repr(float(x))
 
 
-def positions_text(positions: Sequence[int]) -> str:
-    """``[3, 4, 5, 10]`` -> ``3-5,10``."""
+def positions_text(positions: Sequence[int], sep: str = ",") -> str:
+    """``[3, 4, 5, 10]`` -> ``3-5,10`` (runs joined by ``sep``)."""
     out, ps = [], sorted(positions)
     i = 0
     while i < len(ps):
@@ -98,7 +98,7 @@ def positions_text(positions: Sequence[int]) -> str:
             j += 1
         out.append(str(ps[i]) if i == j else f"{ps[i]}-{ps[j]}")
         i = j + 1
-    return ",".join(out)
+    return sep.join(out)
 
 
 def _position_set(items: Any, what: str) -> tuple[int, ...]:

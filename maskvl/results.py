@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from . import io
 from .errors import InputError
+from .groups import positions_text
 
 #: The Logits variant's name (docs/FORMAT.md; ``maskvl.measures.LOGITS``, not imported from there because
 #: that module imports torch, which reading a file does not need and which takes seconds to import).
@@ -114,16 +115,7 @@ class _TableSource:
 
 def _ranges(values: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    out: list[str] = []
-    vals = sorted(values)
-    i = 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ", ".join(out) or "none"
+    return positions_text(values, ", ") or "none"
 
 
 def _variant_list(variants: Sequence[str]) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from maskvl.engine import Engine, SweepConfig
 from maskvl.inputs import load_image
@@ -66,3 +69,29 @@ def compare_with_naive(adapter: ModelAdapter, image_paths: list[Any], prompt: st
                     rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-300)
                     assert rel.max() <= row_tol, (f.step, lr.layer, rel.max())
     return prep, fast, worst
+
+
+def small_image_processor(path: Path) -> Path:
+    """Keep a Qwen-style model directory's processor settings except a smaller minimum size, so that small
+    test images tokenize to a few patches (the oracle runs one forward per masked token)."""
+    cfg_file = Path(path) / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["size"] = {"shortest_edge": 4096, "longest_edge": 16777216}
+    cfg_file.write_text(json.dumps(cfg))
+    return Path(path)
+
+
+def assert_file_matches(path: Path, fast: list[Any]) -> Any:
+    """The rows of a written sweep file equal the engine's steps ``fast`` (positions, L2 and cosine, every
+    variant each layer has, and no others). Returns the rows as a DataFrame."""
+    df = pq.read_table(path).to_pandas()
+    for f in fast:
+        for lr in f.layers:
+            at = df[(df.generation_step == f.step) & (df.layer == lr.layer)]
+            assert set(at.variant) == set(lr.variants), (f.step, lr.layer)
+            for v, name in enumerate(lr.variants):
+                rows = at[at.variant == name]
+                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
+                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+                np.testing.assert_allclose(rows.cosine_distance.to_numpy(), lr.cos[v], rtol=1e-9, atol=1e-300)
+    return df

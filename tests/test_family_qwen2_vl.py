@@ -8,15 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from maskvl.inputs import load_image
 from maskvl.io import read_metadata
 from maskvl.models import adapter_class, load_model
-from naive_support import compare_with_naive
+from naive_support import assert_file_matches, compare_with_naive
 
 # Odd shapes per family: Qwen2-VL GQA 6:2 with head_dim 12, three layers; Qwen2.5-VL GQA 4:1 with
 # head_dim 20, tied embeddings (as the 3B checkpoint), two layers.
@@ -160,14 +158,7 @@ def test_cli_sweep_float64_both_logits(model_dir: Path, images, one_image_run, r
     md = read_metadata(out)
     assert md["complete"] and md["dtype"] == "float64"
     assert [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [GRIDS["wide"]]
-    df = pq.read_table(out).to_pandas()
-    for f in fast:
-        for lr in f.layers:
-            for v, name in enumerate(lr.variants):
-                rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
-                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
-                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
-                np.testing.assert_allclose(rows.cosine_distance.to_numpy(), lr.cos[v], rtol=1e-9, atol=1e-300)
+    assert_file_matches(out, fast)
 
 
 def test_make_tiny_model_cli(family: str, run_main, capsys, tmp_path: Path) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from maskvl.inputs import load_image
 from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.qwen3_vl_moe import Qwen3VLMoeAdapter
-from naive_support import compare_with_naive
+from naive_support import assert_file_matches, compare_with_naive, small_image_processor
 
 # GQA 6:2, head_dim 24, hidden 40; 8 experts, top-2; layer 1 dense (mlp_only_layers), 0 and 2 sparse.
 SHAPE = dict(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=24, hidden_size=40, intermediate_size=72,
@@ -28,14 +26,8 @@ SPARSE = [0, 2]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Qwen3VLMoeAdapter.write_tiny_model(tmp_path_factory.mktemp("models") / "qwen3_vl_moe", seed=4,
-                                              **dict(SHAPE))
-    # The hub's processor settings except a smaller minimum size, so that small test images stay small.
-    cfg_file = path / "preprocessor_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["size"] = {"shortest_edge": 4096, "longest_edge": 16777216}
-    cfg_file.write_text(json.dumps(cfg))
-    return path
+    return small_image_processor(Qwen3VLMoeAdapter.write_tiny_model(tmp_path_factory.mktemp("models") / "qwen3_vl_moe",
+                                                                    seed=4, **dict(SHAPE)))
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +61,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert code == 0, err
     md = read_metadata(out)
     assert md["complete"] and [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [(2, 3)]
-    df = pq.read_table(out).to_pandas()
-    for f in fast:
-        for lr in f.layers:
-            for v, name in enumerate(lr.variants):
-                rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
-                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
-                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+    assert_file_matches(out, fast)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

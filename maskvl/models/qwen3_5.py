@@ -27,7 +27,6 @@ Its inputs, vision tower and 3D MRoPE are Qwen3-VL's (without DeepStack), so the
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -39,10 +38,9 @@ from . import qwen3_5_linear as lin
 from .base import AttendFn, Capture, LinearState
 from .decoder import rotate_half
 from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl_moe import SparseMoeRows
 from .registry import register
 from .tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, VIDEO_PREPROCESSOR_CONFIG, build_tokenizer, write_hub_dir
-
-log = logging.getLogger("maskvl")
 
 
 @register
@@ -332,7 +330,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
 
 @register
-class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+class Qwen3_5MoeAdapter(SparseMoeRows, Qwen3_5Adapter):
     """Adapter over a loaded ``Qwen3_5MoeForConditionalGeneration``: Qwen3.5 with a sparse MoE block."""
 
     MODEL_TYPES = ("qwen3_5_moe",)
@@ -340,24 +338,6 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     FAMILY: ClassVar[str] = "Qwen3.5-MoE"
     SHAPE_KEYS: ClassVar[frozenset[str]] = Qwen3_5Adapter.SHAPE_KEYS | {
         "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"}
-
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, model_id: str):
-        if next(model.parameters()).dtype == torch.float64 and model.config._experts_implementation != "eager":
-            log.info("switching the experts of %s to the eager implementation: grouped_mm rejects float64",
-                     model_id)
-            model.set_experts_implementation("eager")
-        super().__init__(model, tokenizer, image_processor, model_id)
-
-    @classmethod
-    def _from_pretrained_options(cls, dtype: torch.dtype) -> dict[str, Any]:
-        return {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-
-    def post_attention(self, layer: int, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Post-attention norm and the MoE block for rows ``h [N, d_model]``: the N rows go in as one
-        sequence, which the router, the experts and the shared expert's gate treat row by row."""
-        lay = self.layers[layer]
-        normed = self._run(lay.post_attention_layernorm, h, dtype)
-        return self._run(lay.mlp, normed.unsqueeze(0), dtype)[0]
 
     @classmethod
     def _text_config(cls, vocab_size: int, special: dict[str, int], shape: dict[str, Any]) -> dict[str, Any]:

@@ -31,13 +31,15 @@ from .tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, VIDEO_PREPROCESSOR_CONFIG
 log = logging.getLogger("maskvl")
 
 
-@register
-class Qwen3VLMoeAdapter(Qwen3VLAdapter):
-    """Adapter over a loaded ``Qwen3VLMoeForConditionalGeneration`` and its tokenizer / image processor."""
+class SparseMoeRows:
+    """The MoE part of a Qwen MoE adapter (mixed in before the dense family's adapter).
 
-    MODEL_TYPES = ("qwen3_vl_moe",)
-    MODEL_CLASS: ClassVar[str] = "Qwen3VLMoeForConditionalGeneration"
-    FAMILY: ClassVar[str] = "Qwen3-VL-MoE"
+    * float64 runs use transformers' ``eager`` experts (its default ``grouped_mm`` rejects float64): asked
+      for when loading, switched to on an already-loaded model;
+    * :meth:`post_attention` runs the layer's own sparse block on all masked rows at once: its router
+      scores each row on its own and routes it to its own experts (and a shared expert, where the family
+      has one), exactly as the model's forward would route that row.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, model_id: str):
         if next(model.parameters()).dtype == torch.float64 and model.config._experts_implementation != "eager":
@@ -45,7 +47,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
             log.info("switching the experts of %s to the eager implementation: grouped_mm rejects float64",
                      model_id)
             model.set_experts_implementation("eager")
-        super().__init__(model, tokenizer, image_processor, model_id)
+        super().__init__(model, tokenizer, image_processor, model_id)  # type: ignore[call-arg]
 
     @classmethod
     def _from_pretrained_options(cls, dtype: torch.dtype) -> dict[str, Any]:
@@ -57,9 +59,18 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         The sparse block takes ``[batch, seq, d]``; the N rows go in as one sequence, which the router
         and the experts treat row by row.
         """
-        lay = self.layers[layer]
-        normed = self._run(lay.post_attention_layernorm, h, dtype)
-        return self._run(lay.mlp, normed.unsqueeze(0), dtype)[0]
+        lay = self.layers[layer]  # type: ignore[attr-defined]
+        normed = self._run(lay.post_attention_layernorm, h, dtype)  # type: ignore[attr-defined]
+        return self._run(lay.mlp, normed.unsqueeze(0), dtype)[0]  # type: ignore[attr-defined]
+
+
+@register
+class Qwen3VLMoeAdapter(SparseMoeRows, Qwen3VLAdapter):
+    """Adapter over a loaded ``Qwen3VLMoeForConditionalGeneration`` and its tokenizer / image processor."""
+
+    MODEL_TYPES = ("qwen3_vl_moe",)
+    MODEL_CLASS: ClassVar[str] = "Qwen3VLMoeForConditionalGeneration"
+    FAMILY: ClassVar[str] = "Qwen3-VL-MoE"
 
     @classmethod
     def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
