@@ -460,7 +460,7 @@ class Sweep:
         ``Logits`` variant ``kl`` and ``target_prob`` (or the column names). In a group run each group's
         value fills all of its cells; ``spec`` picks the groups (``"blocks:4x4"``...) when several specs
         cover the image. ``grid``: which of a tiled image's grids (:meth:`image_grids`; 0 for the Qwen line)."""
-        step, layer = self._step(step), self._layer(layer)
+        step, layer, variant = self._step(step), self._layer(layer), self._variant(variant)
         self._head_at(variant, layer)
         return self.maps(image, [step], [layer], variant, metric, spec, grid)[0, 0]
 
@@ -494,8 +494,8 @@ class Sweep:
             return out
         if spec is not None:
             raise InputError("spec selects groups; this sweep measured single tokens (no mask_groups)")
-        # grid_index: version-2 files (a version-1 file has one grid per image).
-        has_grid = "grid_index" in self._src.schema.names
+        # grid_index: needed only for an image of several grids (a version-1 file has one grid per image).
+        has_grid = "grid_index" in self._src.schema.names and len(self.image_grids(int(image))) > 1
         for r in self._rows(steps_l, layers_l, [variant],
                             [col, "image_index", "patch_row", "patch_col"] + (["grid_index"] if has_grid else [])):
             m = r["image_index"] == int(image)

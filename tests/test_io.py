@@ -15,7 +15,7 @@ from maskvl.engine import SweepConfig
 
 COLUMNS = ["generation_step", "layer", "token_masked", "token_position", "variant", "l2_distance",
            "cosine_distance", "token_kind", "image_index", "patch_row", "patch_col", "kl_divergence",
-           "target_prob_delta", "group_index"]
+           "target_prob_delta", "group_index", "grid_index"]
 
 
 def test_file_format(adapter32, images, tmp_path):

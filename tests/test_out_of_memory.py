@@ -48,7 +48,8 @@ def test_chunks_halve_and_results_are_unchanged(adapter64, images, monkeypatch, 
     for col in ("l2_distance", "cosine_distance", "kl_divergence", "target_prob_delta"):
         a = clean.column(col).to_numpy(zero_copy_only=False)
         b = res.table.column(col).to_numpy(zero_copy_only=False)
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0, equal_nan=True)
+        # Chunks of other sizes change only the last bits of a matrix product's rounding.
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=0, equal_nan=True)
 
 
 def test_oom_that_chunks_cannot_fix_stops_with_one_line_and_keeps_steps(adapter64, images, monkeypatch,
