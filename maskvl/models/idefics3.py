@@ -184,7 +184,8 @@ class Idefics3Adapter(TransformersDecoderAdapter):
         from transformers import AutoTokenizer
 
         try:
-            model = getattr(transformers, cls.MODEL_CLASS).from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            model_class = getattr(transformers, cls.MODEL_CLASS)
+            model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
         model = model.to(device).eval()
@@ -222,7 +223,8 @@ class Idefics3Adapter(TransformersDecoderAdapter):
             if verbose:
                 log.info("image processor %s unavailable (%s); using %s with the same settings",
                          settings.get("image_processor_type"), exc, name)
-            return pil_class(**{k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")})
+            skip = ("image_processor_type", "processor_class")
+            return pil_class(**{k: v for k, v in settings.items() if k not in skip})
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
