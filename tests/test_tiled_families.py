@@ -1,0 +1,94 @@
+"""Every tiled family end to end: a tiny model written by ``write_tiny_model``, a float64 sweep with two
+non-square images, and the file's grids: the tile boxes cover each image (a box may reach into the
+processor's padding, never leave a gap), a base view or thumbnail covers the whole image, every image token is
+in exactly one grid and separators are text; the viewer opens the file offline and draws every grid.
+
+(Each family's own test file checks it against the naive oracle.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import maskvl
+from maskvl.io import read_metadata
+from maskvl.models import adapter_class, load_model, supported_model_types
+
+TILED = [t for t in ("llava_onevision", "gemma3", "idefics3", "smolvlm", "internvl") if t in supported_model_types()]
+
+
+@pytest.fixture(scope="module", params=TILED)
+def tiled_run(request, tmp_path_factory: pytest.TempPathFactory, images) -> tuple[str, Path, dict]:
+    family = request.param
+    d = tmp_path_factory.mktemp(family)
+    adapter_class(family).write_tiny_model(d / "model", seed=3, num_layers=2)
+    adapter = load_model(str(d / "model"), torch.float64, "cpu")
+    out = d / "run.parquet"
+    maskvl.sweep(adapter, [images["wide"], images["tall"]], "Compare the two pictures.", mask_mode="both",
+                 num_tokens=2, logits=True, output=out)
+    return family, out, read_metadata(out)
+
+
+def _covered(w: int, h: int, boxes: list[list[float]]) -> np.ndarray:
+    """Which pixel centres of a w x h image some box covers: ``[h, w]`` bool."""
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    cover = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        cover |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    return cover
+
+
+def test_grids_cover_each_image(tiled_run) -> None:
+    family, out, md = tiled_run
+    assert md["format_version"] == 2 and len(md["images"]) == 2
+    kinds = {t["position"]: t["kind"] for t in md["tokens"]}
+    seen: set[int] = set()
+    for im in md["images"]:
+        w, h = im["original_size"]
+        grids = im["grids"]
+        assert grids, family
+        tiles = [g["box"] for g in grids if g["kind"] == "tile"]
+        whole = [g["box"] for g in grids if g["kind"] != "tile"]
+        for box in whole:  # a base view, a thumbnail or the one grid: the whole image
+            assert _covered(w, h, [box]).all(), (family, box)
+        if tiles:
+            assert _covered(w, h, tiles).all(), (family, tiles)
+        for g in grids:
+            stride = g["row_stride"]
+            cells = {g["token_start"] + r * stride + c for r in range(g["rows"]) for c in range(g["cols"])}
+            assert not cells & seen, family  # each image token in one grid
+            seen |= cells
+            assert all(kinds[p] == "image" for p in cells), family
+            assert g["token_start"] >= im["token_start"] and g["token_end"] <= im["token_end"]
+    image_tokens = {p for p, k in kinds.items() if k == "image"}
+    assert image_tokens == seen, family  # separators and markers are text
+    df = pq.read_table(out, columns=["image_index", "grid_index", "token_kind"]).to_pandas()
+    assert (df.grid_index.isna() == (df.token_kind != "image")).all()
+
+
+try:
+    from tests.viewer_support import browser, needs_chromium, set_view, viewer  # noqa: F401  (fixtures)
+except ImportError:
+    from viewer_support import browser, needs_chromium, set_view, viewer  # type: ignore[no-redef]  # noqa: F401
+
+
+@needs_chromium
+def test_viewer_draws_every_grid(tiled_run, viewer) -> None:
+    family, out, md = tiled_run
+    v = viewer().goto()
+    v.open(out)
+    set_view(v, step=1, layer=1, variant="Full")
+    got = v.values()
+    drawn = {}
+    for e in got["images"]:
+        parts = e["parts"] or [{"grid": 0, "offset": 0, "rows": e["rows"], "cols": e["cols"]}]
+        for p in parts:
+            drawn[(e["index"], p["grid"])] = [got["image"][e["cellBase"] + p["offset"] + k]
+                                              for k in range(p["rows"] * p["cols"])]
+    expected = {(i, gi) for i, im in enumerate(md["images"]) for gi in range(len(im["grids"]))}
+    assert set(drawn) == expected, family
+    assert all(x is not None for cells in drawn.values() for x in cells), family
