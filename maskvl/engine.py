@@ -318,7 +318,7 @@ class Engine:
         if bias is not None:
             # Attn is o_proj's output, bias included; it cancels in the deltas.
             attn_clean = attn_clean + bias.to(self.cd)
-        attn_delta = delta.reshape(P, -1) @ wo.T  # [P, d]
+        attn_delta = delta.reshape(P, wo.shape[1]) @ wo.T  # [P, d] (P may be 0: every key outside the window)
         x = cap.x[layer].to(cd)
         if a.has_attention_norm:
             # A norm after attention (Gemma 3, OLMo 2) sits between o_proj and the residual: Full goes
