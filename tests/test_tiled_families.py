@@ -86,8 +86,8 @@ def test_viewer_draws_every_grid(tiled_run, viewer) -> None:
     drawn = {}
     for e in got["images"]:
         parts = e["parts"] or [{"grid": 0, "offset": 0, "rows": e["rows"], "cols": e["cols"]}]
-        for p in parts:
-            drawn[(e["index"], p["grid"])] = [got["image"][e["cellBase"] + p["offset"] + k]
+        for p in parts:  # an image drawn as one grid (kind image) has no grid index of its own: grid 0
+            drawn[(e["index"], p["grid"] if p["grid"] is not None else 0)] = [got["image"][e["cellBase"] + p["offset"] + k]
                                               for k in range(p["rows"] * p["cols"])]
     expected = {(i, gi) for i, im in enumerate(md["images"]) for gi in range(len(im["grids"]))}
     assert set(drawn) == expected, family
