@@ -281,3 +281,18 @@ def test_hub_geometry_token_counts_and_boxes() -> None:
         cell_w, cell_h = 14 * w / min(bw, math.ceil(w * bh / h)), 14 * h / min(bh, math.ceil(h * bw / w))
         assert xs[0][0] < cell_w and xs[-1][1] > w - cell_w and ys[0][0] < cell_h and ys[-1][1] > h - cell_h
     assert shrunk > 10
+
+
+def test_api_with_a_loaded_model(model_dir: Path, adapter, images) -> None:
+    """An already-loaded transformers model with its tokenizer and image processor gives the adapter's rows."""
+    import maskvl
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    t = maskvl.sweep(model, [images["tall"]], "Which way?", mask_mode="vision", layers="2",
+                     tokenizer=adapter.tokenizer, image_processor=adapter.image_processor)
+    ref = maskvl.sweep(adapter, [images["tall"]], "Which way?", mask_mode="vision", layers="2")
+    assert t.table.column("l2_distance").to_pylist() == ref.table.column("l2_distance").to_pylist()
+    # Every variant (Full, Attn, six heads) at each image cell of the base view and the 8x4 canvas.
+    assert len(t.table) == 8 * (SIDE * SIDE + 8 * 4)
+    assert sorted(set(t.table.column("grid_index").to_pylist())) == [0, 1, 2]
