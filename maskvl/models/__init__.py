@@ -55,8 +55,8 @@ def _shield_foreign_kernels() -> None:
 _shield_foreign_kernels()
 
 # Each family module registers its adapter(s) on import.
-from . import (gemma3, gemma3_text, gpt_oss, idefics3, internvl, llama, mistral, olmo2, qwen2, qwen2_vl,  # noqa: F401
-               qwen3, qwen3_5, qwen3_moe, qwen3_vl, qwen3_vl_moe)
+from . import (gemma3, gemma3_text, gpt_oss, idefics3, internvl, llama, llava_onevision, mistral, olmo2,  # noqa: F401
+               qwen2, qwen2_vl, qwen3, qwen3_5, qwen3_moe, qwen3_vl, qwen3_vl_moe)
 from .base import Capture, ImageInfo, ModelAdapter, Prepared
 from .registry import adapter_class, register, supported_model_types
 from .tiny import BUILTIN_PREFIX, BUILTIN_TINY, builtin_dir, write_tiny_model
