@@ -64,9 +64,12 @@ class SweepFile:
                  "row_stride": im["grid_cols"], "box": [0, 0, w, h]}]
 
     def tiled(self, image: int) -> bool:
-        """Whether the image's tokens are in several grids (or in one that is not the whole image's)."""
+        """Whether the image is drawn grid by grid at the grids' boxes: several grids, or one that is not a
+        plain grid of the whole image (a base view, or a box reaching into the processor's padding)."""
         grids = self.image_grids(image)
-        return len(grids) > 1 or grids[0].get("kind") != "image"
+        im = (self.metadata.get("images") or [])[image]
+        w, h = im.get("original_size") or (None, None)
+        return len(grids) > 1 or grids[0].get("kind") != "image" or list(grids[0]["box"]) != [0, 0, w, h]
 
     def group_info(self) -> list[dict[str, Any]]:
         """The metadata's group list (empty for per-token files)."""

@@ -70,6 +70,18 @@ def test_grids_cover_each_image(tiled_run) -> None:
     assert (df.grid_index.isna() == (df.token_kind != "image")).all()
 
 
+def test_render_draws_every_grid(tiled_run, tmp_path: Path) -> None:
+    from maskvl.render import read_sweep, render, tiled_panels
+
+    family, out, md = tiled_run
+    data = read_sweep(out, "Full", "l2")
+    for i, im in enumerate(md["images"]):
+        if data.tiled(i):  # every grid in exactly one panel
+            assert sorted(g for _, gs in tiled_panels(data, i) for g in gs) == list(range(len(im["grids"])))
+    written = render(out, str(tmp_path / "r.png"), layers="1", steps="0")
+    assert all(p.stat().st_size > 5_000 for p in written), family
+
+
 try:
     from tests.viewer_support import browser, needs_chromium, set_view, viewer  # noqa: F401  (fixtures)
 except ImportError:

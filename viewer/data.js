@@ -1002,12 +1002,18 @@
           original: Array.isArray(im.original_size) ? im.original_size : null,
         };
         const grids = Array.isArray(im.grids) ? im.grids : [];
-        if (grids.length > 1 || (grids.length === 1 && grids[0] && grids[0].kind !== 'image')) {
+        const g0 = grids.length === 1 ? grids[0] : null;
+        const plain = !grids.length || (g0 && g0.kind === 'image' && (g0.row_stride === undefined || g0.row_stride === g0.cols)
+          && Array.isArray(g0.box) && Array.isArray(im.original_size) && g0.box[0] === 0 && g0.box[1] === 0
+          && g0.box[2] === im.original_size[0] && g0.box[3] === im.original_size[1]);
+        if (!plain) {
+          // tiles, a base view or thumbnail, a grid with separators inside, or one reaching into padding
           for (const e of tiledEntries(im, i, grids)) images.push(Object.assign({}, base, e));
           return;
         }
-        // One grid covering the image (format version 1, and the Qwen line in version 2).
-        const rows = im.grid_rows, cols = im.grid_cols, start = im.token_start, end = im.token_end;
+        // One contiguous grid covering the image (format version 1, and the Qwen line in version 2).
+        const rows = g0 ? g0.rows : im.grid_rows, cols = g0 ? g0.cols : im.grid_cols;
+        const start = g0 ? g0.token_start : im.token_start, end = g0 ? g0.token_end : im.token_end;
         if (![rows, cols, start, end].every(Number.isInteger) || rows <= 0 || cols <= 0 || end - start !== rows * cols) {
           throw new UserError(`Image ${i} in the metadata is inconsistent (grid ${rows}×${cols}, tokens ${start}..${end}).`);
         }
