@@ -42,6 +42,7 @@ from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
 from .gemma3_text import Gemma3TextAdapter, GemmaLayers
+from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import build_tokenizer, write_hub_dir
 
@@ -121,16 +122,6 @@ def preprocessor_config(image_size: int, mm_tokens_per_image: int) -> dict[str, 
     }
 
 
-def _load_image_processor(path: str) -> Any:
-    """The checkpoint's image processor as ``Gemma3ImageProcessorPil`` (no torchvision needed)."""
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    try:
-        return Gemma3ImageProcessorPil.from_pretrained(path)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the image processor of {path}: {str(exc).splitlines()[0]}") from exc
-
-
 def crop_boxes(image_processor: Any, size: tuple[int, int], settings: dict[str, Any]) -> list[tuple[float, ...]]:
     """The pan-and-scan crops of an image of ``size`` (w, h) as original-pixel boxes ``(x0, y0, x1, y1)``,
     in the processor's order: its own ``pan_and_scan`` run on coordinate planes (zero-copy views), so the
@@ -185,19 +176,13 @@ class Gemma3Adapter(GemmaLayers, TransformersDecoderAdapter):
     @classmethod
     def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
              verbose: bool = False) -> "Gemma3Adapter":
-        from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+        from transformers import Gemma3ForConditionalGeneration
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-        try:
-            model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
-        return cls(model.to(device).eval(), tokenizer, _load_image_processor(path), model_id)
+        model = load_pretrained(Gemma3ForConditionalGeneration, path, model_id, dtype, device,
+                                attn_implementation="sdpa")
+        return cls(model, load_tokenizer(path, model_id),
+                   load_image_processor(path, model_id, Gemma3ImageProcessorPil, verbose), model_id)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,

@@ -32,7 +32,6 @@ there are no tiles). Markers and newlines are text-kind tokens.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
+from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import _CORPUS, write_hub_dir
 
@@ -103,30 +103,6 @@ def build_tokenizer(family: str, vocab_size: int = 448):
     return fast
 
 
-def _settings(path: str, name: str) -> dict[str, Any] | None:
-    """A JSON file of a local checkpoint directory or a hub id (None when it has none)."""
-    file = Path(path) / name
-    if os.path.isdir(path):
-        return json.loads(file.read_text()) if file.exists() else None
-    try:
-        from transformers.utils import cached_file
-
-        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-    except Exception:
-        return None
-    return json.loads(Path(found).read_text()) if found else None
-
-
-def _chat_template(path: str) -> str | None:
-    """The processor's chat template where the tokenizer has none (``chat_template.jinja`` / ``.json``)."""
-    if os.path.isdir(path):
-        jinja = Path(path) / "chat_template.jinja"
-        if jinja.exists():
-            return jinja.read_text()
-    found = _settings(path, "chat_template.json")
-    return found.get("chat_template") if found else None
-
-
 @register
 class Idefics3Adapter(TransformersDecoderAdapter):
     """Adapter over a loaded ``Idefics3ForConditionalGeneration`` and its tokenizer / image processor."""
@@ -180,51 +156,21 @@ class Idefics3Adapter(TransformersDecoderAdapter):
     @classmethod
     def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
              verbose: bool = False) -> "Idefics3Adapter":
-        import transformers
-        from transformers import AutoTokenizer
+        import importlib
 
-        try:
-            model_class = getattr(transformers, cls.MODEL_CLASS)
-            model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        model = model.to(device).eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = _chat_template(path)
-            if not tokenizer.chat_template:
-                raise ModelLoadError(f"{model_id!r} has no chat template (tokenizer or chat_template.json)")
-        adapter = cls(model, tokenizer, cls._load_image_processor(path, model_id, verbose), model_id)
-        proc = _settings(path, "processor_config.json") or {}
+        import transformers
+
+        model = load_pretrained(getattr(transformers, cls.MODEL_CLASS), path, model_id, dtype, device,
+                                attn_implementation="sdpa")
+        module, name = cls.PIL_PROCESSOR
+        pil_class = getattr(importlib.import_module(f"transformers.models.{module}"), name)
+        adapter = cls(model, load_tokenizer(path, model_id),
+                      load_image_processor(path, model_id, pil_class, verbose, auto_first=True), model_id)
+        proc = checkpoint_json(path, "processor_config.json") or {}
         if proc.get("image_seq_len") is not None and int(proc["image_seq_len"]) != adapter.image_seq_len:
             raise ModelLoadError(f"{model_id}: processor_config.json's image_seq_len {proc['image_seq_len']} is not "
                                  f"the model's {adapter.image_seq_len}")
         return adapter
-
-    @classmethod
-    def _load_image_processor(cls, path: str, model_id: str, verbose: bool) -> Any:
-        """The checkpoint's image processor; the family's PIL class with the same settings when transformers'
-        AutoImageProcessor cannot build it (e.g. without torchvision)."""
-        import importlib
-
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(path)
-        except Exception as exc:
-            settings = _settings(path, "preprocessor_config.json")
-            if settings is None:
-                raise ModelLoadError(f"cannot load the image processor of {model_id!r}: {exc}") from exc
-            module, name = cls.PIL_PROCESSOR
-            pil_class = getattr(importlib.import_module(f"transformers.models.{module}"), name)
-            if verbose:
-                log.info("image processor %s unavailable (%s); using %s with the same settings",
-                         settings.get("image_processor_type"), exc, name)
-            skip = ("image_processor_type", "processor_class")
-            return pil_class(**{k: v for k, v in settings.items() if k not in skip})
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,

@@ -22,9 +22,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +32,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
+from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import build_tokenizer, write_hub_dir
 
@@ -97,25 +96,9 @@ def build_internvl_tokenizer():
     return tok
 
 
-def _load_image_processor(path: str):
-    """The checkpoint's image processor settings in transformers' PIL class (no torchvision needed)."""
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    try:
-        return GotOcr2ImageProcessorPil.from_pretrained(path)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the image processor of {path}: {str(exc).splitlines()[0]}") from exc
-
-
 def _processor_seq_length(path: str) -> int | None:
     """``image_seq_length`` from the checkpoint's ``processor_config.json``, where there is one."""
-    f = Path(path) / "processor_config.json" if os.path.isdir(path) else None
-    if f is None or not f.exists():
-        return None
-    try:
-        value = json.loads(f.read_text()).get("image_seq_length")
-    except (OSError, ValueError):
-        return None
+    value = (checkpoint_json(path, "processor_config.json") or {}).get("image_seq_length")
     return int(value) if value is not None else None
 
 
@@ -175,20 +158,14 @@ class InternVLAdapter(TransformersDecoderAdapter):
     def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
              verbose: bool = False) -> "InternVLAdapter":
         """Load model, tokenizer and image processor from a local directory or a hub id."""
-        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+        from transformers import InternVLForConditionalGeneration
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-        try:
-            model = InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        except OSError as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        model = model.to(device).eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
-        return cls(model, tokenizer, _load_image_processor(path), model_id, _processor_seq_length(path))
+        model = load_pretrained(InternVLForConditionalGeneration, path, model_id, dtype, device,
+                                attn_implementation="sdpa")
+        return cls(model, load_tokenizer(path, model_id),
+                   load_image_processor(path, model_id, GotOcr2ImageProcessorPil, verbose), model_id,
+                   _processor_seq_length(path))
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,

@@ -33,7 +33,6 @@ anyres features then).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
+from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import SPECIAL_TOKENS, build_tokenizer, write_hub_dir
 
@@ -90,54 +90,6 @@ def tiny_preprocessor_config(tile: int = TINY_TILE, pinpoints: list[list[int]] |
         "rescale_factor": 1 / 255,
         "size": {"height": tile, "width": tile},
     }
-
-
-def _load_image_processor(path: str, verbose: bool):
-    """The checkpoint's image processor as ``LlavaOnevisionImageProcessorPil`` (no torchvision needed)."""
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
-        LlavaOnevisionImageProcessorPil
-
-    settings = None
-    if os.path.isdir(path):
-        cfg_file = Path(path) / "preprocessor_config.json"
-        if not cfg_file.exists():
-            raise ModelLoadError(f"{path} has no preprocessor_config.json")
-        settings = json.loads(cfg_file.read_text())
-    else:
-        try:
-            from transformers.utils import cached_file
-
-            settings = json.loads(Path(cached_file(path, "preprocessor_config.json")).read_text())
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the image processor of {path}: {str(exc).splitlines()[0]}") from exc
-    named = settings.get("image_processor_type")
-    keep = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
-    if verbose and named != "LlavaOnevisionImageProcessorPil":
-        log.info("image processor %s: using LlavaOnevisionImageProcessorPil with the same settings", named)
-    return LlavaOnevisionImageProcessorPil(**keep)
-
-
-def _chat_template_file(path: str) -> str | None:
-    """The processor's chat template (``chat_template.jinja`` or ``chat_template.json``) of a checkpoint,
-    where the hub keeps LLaVA-OneVision's (its tokenizer has none)."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        try:
-            if os.path.isdir(path):
-                f = Path(path) / name
-                if not f.exists():
-                    continue
-            else:
-                from transformers.utils import cached_file
-
-                found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-                if found is None:
-                    continue
-                f = Path(found)
-            text = f.read_text()
-        except Exception:
-            continue
-        return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    return None
 
 
 def _unpad(orig_h: int, orig_w: int, cur_h: int, cur_w: int) -> tuple[int, int, int, int]:
@@ -206,22 +158,15 @@ class LlavaOnevisionAdapter(TransformersDecoderAdapter):
     @classmethod
     def load(cls, path: str, model_id: str, dtype: torch.dtype, device: torch.device,
              verbose: bool = False) -> "LlavaOnevisionAdapter":
-        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+        from transformers import LlavaOnevisionForConditionalGeneration
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
+            LlavaOnevisionImageProcessorPil
 
-        try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        model = model.to(device).eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = _chat_template_file(path)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelLoadError(f"{model_id!r} has no chat template (tokenizer or chat_template.json)")
-        return cls(model, tokenizer, _load_image_processor(path, verbose), model_id)
+        model = load_pretrained(LlavaOnevisionForConditionalGeneration, path, model_id, dtype, device,
+                                attn_implementation="sdpa")
+        # The hub keeps LLaVA-OneVision's chat template in chat_template.json (its tokenizer has none).
+        return cls(model, load_tokenizer(path, model_id),
+                   load_image_processor(path, model_id, LlavaOnevisionImageProcessorPil, verbose), model_id)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,

@@ -8,48 +8,18 @@ per-layer pieces the engine replays. The clean pass is the model's own forward, 
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError
 from .base import Capture, ImageInfo, Prepared
 from .decoder import TransformersDecoderAdapter
+from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import write_tiny_model
-
-log = logging.getLogger("maskvl")
-
-
-def _load_image_processor(path: str, verbose: bool):
-    """The checkpoint's image processor; the PIL implementation with the same settings without torchvision."""
-    from transformers import AutoImageProcessor
-
-    named = None
-    cfg_file = Path(path) / "preprocessor_config.json" if os.path.isdir(path) else None
-    if cfg_file is not None and cfg_file.exists():
-        named = json.loads(cfg_file.read_text()).get("image_processor_type")
-    try:
-        proc = AutoImageProcessor.from_pretrained(path)
-    except Exception as exc:  # e.g. a transformers that insists on torchvision for the Fast class
-        if cfg_file is None or not cfg_file.exists():
-            raise ModelLoadError(f"cannot load the image processor of {path}: {exc}") from exc
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        settings = json.loads(cfg_file.read_text())
-        settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
-        proc = Qwen2VLImageProcessorPil(**settings)
-        if verbose:
-            log.info("image processor %s unavailable (%s); using Qwen2VLImageProcessorPil with the same settings",
-                     named, exc)
-        return proc
-    if verbose and named and type(proc).__name__ != named:
-        log.info("image processor %s needs torchvision; using %s with the same settings", named, type(proc).__name__)
-    return proc
 
 
 @register
@@ -77,22 +47,14 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
         """Load model, tokenizer and image processor from a local directory or a hub id."""
         # The family's modeling code is imported only when the family is used.
         import transformers
-        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        model_class = getattr(transformers, cls.MODEL_CLASS)
-        try:
-            model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                **cls._from_pretrained_options(dtype))
-        except OSError as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        model = model.to(device).eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelLoadError(f"the tokenizer of {model_id!r} has no chat template")
-        return cls(model, tokenizer, _load_image_processor(path, verbose), model_id)
+        model = load_pretrained(getattr(transformers, cls.MODEL_CLASS), path, model_id, dtype, device,
+                                attn_implementation="sdpa", **cls._from_pretrained_options(dtype))
+        tokenizer = load_tokenizer(path, model_id)
+        # The hub names the Fast class (torchvision); without torchvision, the PIL class with its settings.
+        image_processor = load_image_processor(path, model_id, Qwen2VLImageProcessorPil, verbose, auto_first=True)
+        return cls(model, tokenizer, image_processor, model_id)
 
     @classmethod
     def _from_pretrained_options(cls, dtype: torch.dtype) -> dict[str, Any]:

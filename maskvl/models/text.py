@@ -10,19 +10,17 @@ says what differs (its model types, tokenizer style, where its windows come from
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError
 from .base import Prepared
 from .decoder import TransformersDecoderAdapter
+from .loading import load_pretrained, load_tokenizer
 from .tiny import build_tokenizer, write_hub_dir
-
-log = logging.getLogger("maskvl")
 
 
 class TextDecoderAdapter(TransformersDecoderAdapter):
@@ -64,19 +62,12 @@ class TextDecoderAdapter(TransformersDecoderAdapter):
              verbose: bool = False) -> "TextDecoderAdapter":
         """Load the model and its tokenizer from a local hub-like directory or a hub id."""
         # The modeling code is imported only when the family is used.
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cls.ATTN_IMPLEMENTATION)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}") from exc
-        if verbose and not getattr(tokenizer, "chat_template", None):
-            log.info("the tokenizer of %s has no chat template: prompts are tokenized as plain text", model_id)
-        return cls(model.to(device).eval(), tokenizer, model_id)
+        model = load_pretrained(AutoModelForCausalLM, path, model_id, dtype, device,
+                                attn_implementation=cls.ATTN_IMPLEMENTATION)
+        # A base model has no chat template: its prompt is tokenized as plain text.
+        return cls(model, load_tokenizer(path, model_id, require_chat_template=False, verbose=verbose), model_id)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
