@@ -12,10 +12,11 @@ and LM head are, and implements input preparation (``prepare``) and anything its
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..errors import InputError
 from .base import AttendFn, Capture, ModelAdapter, Prepared
 
 
@@ -279,3 +280,19 @@ class TransformersDecoderAdapter(ModelAdapter):
 
     def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._linear_out_chunked(self.lm_head, self._run(self.text_model.norm, h, dtype), dtype)
+
+
+class VisionDecoderAdapter(TransformersDecoderAdapter):
+    """The common part of the vision-language adapters: a family's ``__init__`` takes
+    ``(model, tokenizer, image_processor, model_id)`` and :attr:`FAMILY` names it in messages."""
+
+    supports_images = True
+    FAMILY: ClassVar[str] = ""
+
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
+                    model_id: str | None = None) -> "VisionDecoderAdapter":
+        if tokenizer is None or image_processor is None:
+            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
+        return cls(model, tokenizer, image_processor,  # type: ignore[call-arg]
+                   model_id or getattr(model, "name_or_path", None) or "model")

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
-from .decoder import TransformersDecoderAdapter
+from .decoder import VisionDecoderAdapter
 from .gemma3_text import Gemma3TextAdapter, GemmaLayers
 from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
@@ -137,11 +137,11 @@ def crop_boxes(image_processor: Any, size: tuple[int, int], settings: dict[str, 
 
 
 @register
-class Gemma3Adapter(GemmaLayers, TransformersDecoderAdapter):
+class Gemma3Adapter(GemmaLayers, VisionDecoderAdapter):
     """Adapter over a loaded ``Gemma3ForConditionalGeneration``, its tokenizer and image processor."""
 
     MODEL_TYPES = ("gemma3",)
-    supports_images = True
+    FAMILY: ClassVar[str] = "Gemma 3"
     #: The ``shape`` keys of :meth:`write_tiny_model` beyond the text config's (which go to
     #: :meth:`Gemma3TextAdapter.tiny_config`).
     VISION_KEYS: ClassVar[frozenset[str]] = frozenset({
@@ -183,13 +183,6 @@ class Gemma3Adapter(GemmaLayers, TransformersDecoderAdapter):
                                 attn_implementation="sdpa")
         return cls(model, load_tokenizer(path, model_id),
                    load_image_processor(path, model_id, Gemma3ImageProcessorPil, verbose), model_id)
-
-    @classmethod
-    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
-                    model_id: str | None = None) -> "Gemma3Adapter":
-        if tokenizer is None or image_processor is None:
-            raise InputError("pass tokenizer= and image_processor= with an already-loaded Gemma 3 model")
-        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", None) or "model")
 
     # ------------------------------------------------------------------------------ tiny model
     @classmethod
@@ -367,4 +360,4 @@ class Gemma3Adapter(GemmaLayers, TransformersDecoderAdapter):
 
     def final_logits(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # Gemma3ForConditionalGeneration.forward: lm_head(norm(h)), no soft-capping.
-        return TransformersDecoderAdapter.final_logits(self, h, dtype)
+        return VisionDecoderAdapter.final_logits(self, h, dtype)

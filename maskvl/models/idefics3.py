@@ -42,7 +42,7 @@ import torch
 
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
-from .decoder import TransformersDecoderAdapter
+from .decoder import VisionDecoderAdapter
 from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import _CORPUS, write_hub_dir
@@ -104,11 +104,10 @@ def build_tokenizer(family: str, vocab_size: int = 448):
 
 
 @register
-class Idefics3Adapter(TransformersDecoderAdapter):
+class Idefics3Adapter(VisionDecoderAdapter):
     """Adapter over a loaded ``Idefics3ForConditionalGeneration`` and its tokenizer / image processor."""
 
     MODEL_TYPES = ("idefics3",)
-    supports_images = True
     MODEL_CLASS: ClassVar[str] = "Idefics3ForConditionalGeneration"
     FAMILY: ClassVar[str] = "Idefics3"
     #: The family's PIL image processor (module under transformers.models, class).
@@ -171,13 +170,6 @@ class Idefics3Adapter(TransformersDecoderAdapter):
             raise ModelLoadError(f"{model_id}: processor_config.json's image_seq_len {proc['image_seq_len']} is not "
                                  f"the model's {adapter.image_seq_len}")
         return adapter
-
-    @classmethod
-    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
-                    model_id: str | None = None) -> "Idefics3Adapter":
-        if tokenizer is None or image_processor is None:
-            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
-        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
 
     # ------------------------------------------------------------------------------- tiny model
     @classmethod

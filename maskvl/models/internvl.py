@@ -31,7 +31,7 @@ import torch
 
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
-from .decoder import TransformersDecoderAdapter
+from .decoder import VisionDecoderAdapter
 from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import build_tokenizer, write_hub_dir
@@ -103,11 +103,10 @@ def _processor_seq_length(path: str) -> int | None:
 
 
 @register
-class InternVLAdapter(TransformersDecoderAdapter):
+class InternVLAdapter(VisionDecoderAdapter):
     """Adapter over a loaded ``InternVLForConditionalGeneration`` and its tokenizer / image processor."""
 
     MODEL_TYPES = ("internvl",)
-    supports_images = True
     FAMILY: ClassVar[str] = "InternVL"
     #: The ``shape`` keys :meth:`write_tiny_model` takes.
     SHAPE_KEYS: ClassVar[frozenset[str]] = frozenset({
@@ -166,13 +165,6 @@ class InternVLAdapter(TransformersDecoderAdapter):
         return cls(model, load_tokenizer(path, model_id),
                    load_image_processor(path, model_id, GotOcr2ImageProcessorPil, verbose), model_id,
                    _processor_seq_length(path))
-
-    @classmethod
-    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
-                    model_id: str | None = None) -> "InternVLAdapter":
-        if tokenizer is None or image_processor is None:
-            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
-        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
 
     @classmethod
     def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:

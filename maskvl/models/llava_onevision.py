@@ -43,7 +43,7 @@ import torch
 
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
-from .decoder import TransformersDecoderAdapter
+from .decoder import VisionDecoderAdapter
 from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import SPECIAL_TOKENS, build_tokenizer, write_hub_dir
@@ -119,11 +119,10 @@ def _runs(n_new: int, n_old: int, offset: int, side: int) -> list[tuple[int, int
 
 
 @register
-class LlavaOnevisionAdapter(TransformersDecoderAdapter):
+class LlavaOnevisionAdapter(VisionDecoderAdapter):
     """Adapter over a loaded ``LlavaOnevisionForConditionalGeneration`` and its tokenizer / image processor."""
 
     MODEL_TYPES = ("llava_onevision",)
-    supports_images = True
     FAMILY: ClassVar[str] = "LLaVA-OneVision"
     #: The ``shape`` keys :meth:`write_tiny_model` takes.
     SHAPE_KEYS: ClassVar[frozenset[str]] = frozenset({
@@ -171,12 +170,10 @@ class LlavaOnevisionAdapter(TransformersDecoderAdapter):
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
                     model_id: str | None = None) -> "LlavaOnevisionAdapter":
-        if tokenizer is None or image_processor is None:
-            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
-        if not getattr(tokenizer, "chat_template", None):
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             raise InputError(f"the tokenizer passed with the {cls.FAMILY} model has no chat template "
                              f"(set tokenizer.chat_template to the processor's)")
-        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
+        return super().from_loaded(model, tokenizer, image_processor, model_id)  # type: ignore[return-value]
 
     @classmethod
     def write_tiny_model(cls, directory: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:

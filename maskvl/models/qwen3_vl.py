@@ -16,18 +16,17 @@ import torch
 
 from ..errors import InputError
 from .base import Capture, ImageInfo, Prepared
-from .decoder import TransformersDecoderAdapter
+from .decoder import VisionDecoderAdapter
 from .loading import load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import write_tiny_model
 
 
 @register
-class Qwen3VLAdapter(TransformersDecoderAdapter):
+class Qwen3VLAdapter(VisionDecoderAdapter):
     """Adapter over a loaded ``Qwen3VLForConditionalGeneration`` and its tokenizer/image processor."""
 
     MODEL_TYPES = ("qwen3_vl",)
-    supports_images = True
     #: The transformers class that loads the checkpoint, and the family's name in messages (the sibling
     #: Qwen VL families subclass this adapter and name theirs).
     MODEL_CLASS: ClassVar[str] = "Qwen3VLForConditionalGeneration"
@@ -67,13 +66,6 @@ class Qwen3VLAdapter(TransformersDecoderAdapter):
             raise InputError("head_dim must be a multiple of 8 (MRoPE sections)")
         shape.setdefault("deepstack", tuple(range(min(3, shape.get("num_layers", 4)))))
         return write_tiny_model(directory, seed=seed, **shape)
-
-    @classmethod
-    def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
-                    model_id: str | None = None) -> "Qwen3VLAdapter":
-        if tokenizer is None or image_processor is None:
-            raise InputError(f"pass tokenizer= and image_processor= with an already-loaded {cls.FAMILY} model")
-        return cls(model, tokenizer, image_processor, model_id or getattr(model, "name_or_path", "model"))
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompt: str, images: list[Any], image_paths: list[str | None],
