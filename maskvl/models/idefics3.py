@@ -43,6 +43,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import VisionDecoderAdapter
+from .llama import LlamaAdapter
 from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
 from .registry import register
 from .tiny import _CORPUS, write_hub_dir
@@ -205,25 +206,12 @@ class Idefics3Adapter(VisionDecoderAdapter):
         tie = bool(shape.get("tie_word_embeddings", False))
         init = shape.get("initializer_range", 0.1)
         _, bos, eos, pad, _ = TOKENIZERS[family]
-        text = {
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": shape.get("intermediate_size", 2 * hidden),
-            "num_hidden_layers": shape.get("num_layers", 3),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "initializer_range": init,
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-            "bos_token_id": ids[bos],
-            "eos_token_id": ids[eos],
-            "pad_token_id": ids[pad],
-            "tie_word_embeddings": tie,
-        }
+        # Llama's tiny decoder (maskvl.models.llama), with this family's special tokens.
+        text = LlamaAdapter.tiny_config(
+            tokenizer, num_layers=shape.get("num_layers", 3), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+            hidden_size=hidden, model_type="llama", intermediate_size=shape.get("intermediate_size", 2 * hidden),
+            initializer_range=init, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+            bos_token_id=ids[bos], eos_token_id=ids[eos], pad_token_id=ids[pad], tie_word_embeddings=tie)
         vision = {
             "hidden_size": 32,
             "intermediate_size": 64,

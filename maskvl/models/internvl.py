@@ -33,7 +33,7 @@ from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import VisionDecoderAdapter
 from .loading import checkpoint_json, load_image_processor, load_pretrained, load_tokenizer
-from .registry import register
+from .registry import adapter_class, register
 from .tiny import build_tokenizer, write_hub_dir
 
 log = logging.getLogger("maskvl")
@@ -194,24 +194,13 @@ class InternVLAdapter(VisionDecoderAdapter):
         tokenizer = build_internvl_tokenizer()
         tie = bool(shape.get("tie_word_embeddings", False))
         init = shape.get("initializer_range", 0.1)
-        text = {
-            "model_type": text_type,
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": shape.get("intermediate_size", 2 * hidden),
-            "num_hidden_layers": shape.get("num_layers", 3),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "initializer_range": init,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            "tie_word_embeddings": tie,
-        }
+        # The text family's own tiny decoder (maskvl.models.qwen2 / llama / qwen3), with InternVL's tokens.
+        text = adapter_class(text_type).tiny_config(
+            tokenizer, num_layers=shape.get("num_layers", 3), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+            hidden_size=hidden, model_type=text_type, intermediate_size=shape.get("intermediate_size", 2 * hidden),
+            initializer_range=init, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=None, tie_word_embeddings=tie)
         if text_type in ("qwen2", "qwen3"):
             text["use_sliding_window"] = False
         tile, patch, ratio = 32, 8, 0.5

@@ -45,6 +45,7 @@ from ..errors import InputError, ModelLoadError
 from .base import GridInfo, ImageInfo, Prepared
 from .decoder import VisionDecoderAdapter
 from .loading import load_image_processor, load_pretrained, load_tokenizer
+from .qwen2 import Qwen2Adapter
 from .registry import register
 from .tiny import SPECIAL_TOKENS, build_tokenizer, write_hub_dir
 
@@ -200,25 +201,14 @@ class LlavaOnevisionAdapter(VisionDecoderAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + [IMAGE_TOKEN, VIDEO_TOKEN]}
         tie = bool(shape.get("tie_word_embeddings", False))
         pinpoints = [list(p) for p in shape.get("image_grid_pinpoints", TINY_PINPOINTS)]
-        text = {
-            "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": shape.get("intermediate_size", 2 * hidden),
-            "num_hidden_layers": shape.get("num_layers", 3),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "initializer_range": shape.get("initializer_range", 0.1),
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            "use_sliding_window": False,
-            "tie_word_embeddings": tie,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        }
+        # Qwen2's tiny decoder (maskvl.models.qwen2), with this family's special tokens.
+        text = Qwen2Adapter.tiny_config(
+            tokenizer, num_layers=shape.get("num_layers", 3), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+            hidden_size=hidden, model_type="qwen2", intermediate_size=shape.get("intermediate_size", 2 * hidden),
+            initializer_range=shape.get("initializer_range", 0.1),
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False,
+            tie_word_embeddings=tie, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=None)
         vision = {
             "model_type": "siglip_vision_model",
             "hidden_size": 32,
