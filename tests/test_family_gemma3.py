@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +20,7 @@ from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.gemma3 import CHAT_TEMPLATE, Gemma3Adapter
 from maskvl.naive import naive_sweep
-from naive_support import compare_with_naive
+from naive_support import assert_file_matches, compare_with_naive
 from text_family_support import outside_rows
 
 # GQA 4:2, head_dim 24, hidden 40; layers 0 and 2 local (window 7), layer 1 global.
@@ -173,13 +172,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert md["complete"] and [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [(2, 2)]
     assert md["images"][0]["grids"] == [g.to_dict() for g in prep.images[0].grids]
     assert md["attention_windows"] == [7, None, 7]
-    df = pq.read_table(out).to_pandas()
-    for f in fast:
-        for lr in f.layers:
-            for v, name in enumerate(lr.variants):
-                rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
-                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
-                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+    assert_file_matches(out, fast)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

@@ -12,7 +12,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from maskvl.inputs import load_image
 from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
-from naive_support import compare_with_naive
+from naive_support import assert_file_matches, compare_with_naive
 
 FAMILIES = {"idefics3": Idefics3Adapter, "smolvlm": SmolVLMAdapter}
 # GQA 6:2, head_dim 12 with hidden 48 (not heads x head_dim: Llama's o_proj maps 72 -> 48).
@@ -181,13 +180,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, family, images, run_
     grids = md["images"][0]["grids"]
     assert [g["kind"] for g in grids] == ["tile"] * 6 + ["thumbnail"]
     assert grids[4]["box"] == [32.0, 32.0, 64.0, 64.0] and grids[-1]["box"] == [0.0, 0.0, 96.0, 64.0]
-    df = pq.read_table(out).to_pandas()
-    for f in fast:
-        for lr in f.layers:
-            for v, name in enumerate(lr.variants):
-                rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
-                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
-                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+    assert_file_matches(out, fast)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

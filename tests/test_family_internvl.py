@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +17,7 @@ from maskvl.inputs import load_image
 from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.internvl import InternVLAdapter
-from naive_support import compare_with_naive
+from naive_support import assert_file_matches, compare_with_naive
 
 # GQA 6:2, head_dim 24, hidden 40 (head_dim * heads != hidden); 32-pixel tiles of 2x2 tokens, at most 6 tiles.
 SHAPE = dict(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=24, hidden_size=40, intermediate_size=72,
@@ -192,13 +191,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert md["complete"]
     assert md["images"][0]["grids"] == [g.to_dict() for g in prep.images[0].grids]
     assert [g["kind"] for g in md["images"][0]["grids"]] == ["tile"] * 6 + ["thumbnail"]
-    df = pq.read_table(out).to_pandas()
-    for f in fast:
-        for lr in f.layers:
-            for v, name in enumerate(lr.variants):
-                rows = df[(df.generation_step == f.step) & (df.layer == lr.layer) & (df.variant == name)]
-                np.testing.assert_array_equal(rows.token_position.to_numpy(), lr.positions)
-                np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
+    assert_file_matches(out, fast)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
