@@ -289,6 +289,17 @@ class VisionDecoderAdapter(TransformersDecoderAdapter):
     supports_images = True
     FAMILY: ClassVar[str] = ""
 
+    def _chat_text(self, prompt: str, num_images: int) -> str:
+        """The chat template's text of one user turn: ``num_images`` image parts, then ``prompt``, then the
+        assistant's turn opened (the family then expands each image's placeholder)."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": prompt})
+        try:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        except Exception as exc:
+            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, image_processor: Any = None,
                     model_id: str | None = None) -> "VisionDecoderAdapter":

@@ -267,13 +267,7 @@ class Gemma3Adapter(GemmaLayers, VisionDecoderAdapter):
                 max_pixels: int | None = None) -> Prepared:
         """Chat-template the prompt with its images, run the image processor, expand each
         ``<start_of_image>`` as ``Gemma3Processor`` does; the grids of soft tokens per image (and crop)."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        try:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        except Exception as exc:
-            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+        text = self._chat_text(prompt, len(images))
         if text.count(self.boi_token) != len(images):
             raise InputError(f"the prompt has {text.count(self.boi_token)} {self.boi_token} for {len(images)} image(s)")
         model_inputs: dict[str, Any] = {}

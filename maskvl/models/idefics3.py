@@ -299,13 +299,7 @@ class Idefics3Adapter(VisionDecoderAdapter):
         ``max_pixels`` lowers the processor's resize (``size["longest_edge"]``) to the largest multiple of
         the tile side whose square is at most ``max_pixels`` (at least one tile).
         """
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        try:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        except Exception as exc:
-            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+        text = self._chat_text(prompt, len(images))
         if text.count(self.image_token) != len(images):
             raise InputError(f"the prompt has {text.count(self.image_token)} {self.image_token} tokens for "
                              f"{len(images)} images")

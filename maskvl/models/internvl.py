@@ -254,14 +254,7 @@ class InternVLAdapter(VisionDecoderAdapter):
         """Chat-template the prompt with its images, tile them, expand each ``<IMG_CONTEXT>`` as
         ``InternVLProcessor`` does. ``max_pixels`` caps the tiled canvas (``cols * rows`` tiles, the thumbnail
         not counted): at most ``max_pixels // tile**2`` tiles."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:
-            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+        text = self._chat_text(prompt, len(images))
         model_inputs: dict[str, Any] = {}
         canvases: list[tuple[int, int]] = []
         if text.count(self.context_token) != len(images):

@@ -289,13 +289,7 @@ class LlavaOnevisionAdapter(VisionDecoderAdapter):
         if images and max_pixels is not None:
             raise InputError(f"max_pixels (--max-pixels) is not supported for {self.FAMILY}: an image's tiles come "
                              f"from the model's image_grid_pinpoints")
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        try:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        except Exception as exc:
-            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+        text = self._chat_text(prompt, len(images))
         if text.count(IMAGE_TOKEN) != len(images):
             raise InputError(f"the chat template produced {text.count(IMAGE_TOKEN)} image slots for {len(images)} "
                              f"images")

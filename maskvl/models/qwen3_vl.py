@@ -74,14 +74,7 @@ class Qwen3VLAdapter(VisionDecoderAdapter):
 
         Returns a :class:`Prepared` with ``input_ids [1, S]`` and the model's multimodal inputs.
         """
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:
-            raise InputError(f"the tokenizer's chat template failed: {exc}") from exc
+        text = self._chat_text(prompt, len(images))
         pad = "<|image_pad|>"
         model_inputs: dict[str, Any] = {}
         infos: list[ImageInfo] = []
