@@ -299,8 +299,12 @@ class Engine:
             # position reads (maskvl.ops.gated_delta_knockout); the readouts then go through the layer's
             # gated norm, so the deltas o_proj sees are of the normed rows.
             st = a.linear_state(cache, layer, cd)
-            core, core_delta = self.backend.gated_delta_knockout(st.q, st.k, st.v, st.g, st.beta, st.scale, True)
-            core_delta = core_delta.index_select(0, positions.to(core_delta.device))  # [P, Hv, dv]
+            if groups is None:
+                core, core_delta = self.backend.gated_delta_knockout(st.q, st.k, st.v, st.g, st.beta, st.scale, True)
+                core_delta = core_delta.index_select(0, positions.to(core_delta.device))  # [P, Hv, dv]
+            else:  # every write of a group skipped together
+                core, core_delta = self.backend.gated_delta_group_knockout(
+                    st.q, st.k, st.v, st.g, st.beta, st.scale, True, groups.members, groups.offsets)
             o = a.linear_norm(layer, core.unsqueeze(0), st.z, cd)[0]  # [Hv, dv]
             delta = self._in_chunks(core_delta.shape[0], lambda i, j: a.linear_norm(
                 layer, core.unsqueeze(0) + core_delta[i:j], st.z, cd) - o)
@@ -440,21 +444,13 @@ class Engine:
             lr.tpd = np.concatenate([nan, tpd.cpu().numpy()[None]])
 
     def check_layer_kinds(self, config: SweepConfig, layers: list[int]) -> None:
-        """Refuse what linear-attention layers do not support, with a one-line :class:`InputError`: group
-        knockout at a measured linear layer (skipping several writes at once has no closed form here), and
-        a Logits knockout window reaching a linear layer after the measured one (that row would need its own
-        copy of the state)."""
+        """Refuse what linear-attention layers do not support, with a one-line :class:`InputError`: a Logits
+        knockout window reaching a linear layer after the measured one (each row would need its own copy of
+        the state there)."""
         a = self.adapter
         linear = [layer for layer in range(a.num_layers) if a.layer_kind(layer) == a.LINEAR]
         if not linear:
             return
-        attention = [layer for layer in range(a.num_layers) if layer not in linear]
-        if config.groups is not None:
-            bad = [layer for layer in layers if layer in linear]
-            if bad:
-                raise InputError(f"{OPTIONS['mask_groups'].label} is not supported at linear-attention layers "
-                                 f"({positions_text(bad, ', ')} of those selected); select full-attention layers with "
-                                 f"{OPTIONS['layers'].label} ({positions_text(attention, ', ') or 'none'})")
         if config.logits and config.knockout_window > 1:
             bad = [layer for layer in layers
                    if any(k in linear for k in range(layer + 1, min(layer + config.knockout_window, a.num_layers)))]

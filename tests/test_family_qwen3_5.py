@@ -143,14 +143,24 @@ def test_unsupported_combinations_are_one_line_errors(adapter, model_dir: Path, 
     with pytest.raises(InputError, match="linear-attention layer after measured layer 1"):
         list(Engine(adapter, "reference").run(prep, SweepConfig(mask_mode="text", logits=True, knockout_window=2,
                                                                 layers=[1])))
-    with pytest.raises(InputError, match="not supported at linear-attention layers"):
-        list(Engine(adapter, "reference").run(prep, SweepConfig(groups=[[0, 1]], layers=[0, 3])))
-    # Groups at the attention layer are fine (the oracle removes the set there).
-    compare_with_naive(adapter, [], "Hello there", "text", 1, 1e-9, 1e-6, layers=[3], groups=[[0, 2], [1, 3]])
     code, _, err = run_main(["sweep", "--model", str(model_dir), "--prompt", "Hi", "--logits", "--knockout-window",
                              "3", "-q", "-o", str(tmp_path / "x.parquet")])
     assert code == 2 and err.startswith("maskvl: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_float64_groups_at_linear_and_attention_layers(adapter, images) -> None:
+    """Group knockout (every write of a set skipped together at a linear layer; the set's keys removed at
+    the attention layer) against the oracle, which runs transformers' layer with the whole set's writes
+    skipped: image blocks, the whole image and a scattered text set, 2 steps, Logits."""
+    from maskvl.groups import parse_specs, resolve_groups
+
+    def groups(prep):
+        found = resolve_groups(parse_specs(["blocks:1x2", "images"]), prep.images, prep.is_image)
+        return [list(g.positions) for g in found] + [[0, 3, prep.input_ids.shape[1] - 1]]
+
+    compare_with_naive(adapter, [images["wide"]], "What is in this image?", "both", 2, 1e-9, 1e-6, logits=True,
+                       groups=groups)
 
 
 def test_exact_linear_against_transformers_layer(adapter, model_dir: Path) -> None:

@@ -16,7 +16,8 @@ Its inputs, vision tower and 3D MRoPE are Qwen3-VL's (without DeepStack), so the
   p at once by ``maskvl.ops.gated_delta_knockout``; then the gated norm and out_proj (``Attn``), each value
   head's share (``Head_N``, ``Hv`` heads), the MLP (``Full``). The clean pass records the layer's own
   in_proj outputs (``linear_state`` rebuilds the rule's inputs from them); Logits rows take their own
-  single step on the shared clean conv tail and state (``replay_linear``);
+  single step on the shared clean conv tail and state (``replay_linear``); a group run skips every write
+  of a group together (``maskvl.ops.gated_delta_group_knockout``);
 * float64 models: transformers runs the rule, ``g`` and the gated norm in float32 whatever the dtype, so
   the adapter installs :class:`~maskvl.models.qwen3_5_linear.ExactLinear` on every linear layer of the
   loaded model (a forward hook computing the same layer in float64) and a float64 run is float64 through;

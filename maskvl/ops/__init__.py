@@ -1,7 +1,8 @@
 """The engine's hot operations, behind one backend interface.
 
 One file per op (``loo_attention``, ``loo_group_attention``, ``head_distances``, ``vector_distances``,
-``decode_attention``, ``gated_delta_knockout``): its ``maskvl::`` schema, fake kernel, plain PyTorch reference and what each
+``decode_attention``, ``gated_delta_knockout``; ``gated_delta_group_knockout``, a PyTorch scan every backend
+runs): its ``maskvl::`` schema, fake kernel, plain PyTorch reference and what each
 backend runs for it. The compiled implementations sit beside them by the same name: ``csrc/<op>.cpp``
 (the ``maskvl._C`` CPU kernels) and ``kernels/<op>.py`` (Triton, for CUDA). ``backends.py`` holds the
 backend classes and their selection; the engine only ever calls a :class:`Backend`. ``sinks.py`` applies

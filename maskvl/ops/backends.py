@@ -25,8 +25,8 @@ import torch
 from ..errors import InputError
 
 from ..errors import MaskvlError
-from . import (decode_attention, gated_delta_knockout, head_distances, loo_attention, loo_group_attention,
-               vector_distances)
+from . import (decode_attention, gated_delta_group_knockout, gated_delta_knockout, head_distances, loo_attention,
+               loo_group_attention, vector_distances)
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -69,6 +69,13 @@ class Backend:
         """``q [Hk, dk]``, ``k [T, Hk, dk]``, ``v [T, Hv, dv]``, ``g, beta [T, Hv]`` ->
         ``(o [Hv, dv], delta [T, Hv, dv])``; see ``gated_delta_knockout.py``."""
         return gated_delta_knockout.gated_delta_knockout_reference(q, k, v, g, beta, scale, qk_l2norm)
+
+    def gated_delta_group_knockout(self, q, k, v, g, beta, scale: float, qk_l2norm: bool, members, offsets):
+        """As :meth:`gated_delta_knockout` with groups (CSR ``members [M]``, ``offsets [NG + 1]``) ->
+        ``(o [Hv, dv], delta [NG, Hv, dv])``; the PyTorch scan on every backend (see
+        ``gated_delta_group_knockout.py``)."""
+        return gated_delta_group_knockout.gated_delta_group_knockout_reference(q, k, v, g, beta, scale, qk_l2norm,
+                                                                             members, offsets)
 
     def __repr__(self) -> str:
         return f"<maskvl backend {self.name}>"
