@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # the option check imports this module at command-line start-up: keep torch out of it
     import torch
 
-    from .models.base import ImageInfo
+    from .models.base import GridInfo, ImageInfo
 
 #: What a spec may look like, for messages.
 SPEC_FORMS = "blocks:RxC, images, box:IMAGE:x0,y0,x1,y1 or positions:LIST"
@@ -53,9 +53,10 @@ class GroupSpecError(ValueError):
 class Group:
     """One set of positions removed together, with where it lies.
 
-    ``box`` is ``(x0, y0, x1, y1)`` in the original image's pixels and ``row_range``/``col_range`` the
-    half-open grid ranges ``(first, last + 1)`` of its tokens, when all members are tokens of one image
-    (``image_index``); otherwise all three are None.
+    ``image_index`` is the image holding all members (None when they are not all one image's tokens);
+    ``box`` ``(x0, y0, x1, y1)`` in that image's original pixels; ``grid_index`` the image's grid holding
+    them all (``ImageInfo.grids``; None when they span several grids of a tiled image) and
+    ``row_range``/``col_range`` the half-open ranges ``(first, last + 1)`` of their cells in that grid.
     """
 
     spec: str
@@ -65,6 +66,7 @@ class Group:
     box: tuple[float, float, float, float] | None = None
     row_range: tuple[int, int] | None = None
     col_range: tuple[int, int] | None = None
+    grid_index: int | None = None
 
     def to_dict(self, index: int) -> dict[str, Any]:
         """The group's entry in the file metadata's ``groups`` list (``docs/FORMAT.md``)."""
@@ -73,6 +75,7 @@ class Group:
             "image_index": self.image_index, "box": list(self.box) if self.box is not None else None,
             "row_range": list(self.row_range) if self.row_range is not None else None,
             "col_range": list(self.col_range) if self.col_range is not None else None,
+            "grid_index": self.grid_index,
         }
 
 
@@ -199,17 +202,18 @@ def to_json(specs: Sequence[str | tuple[int, ...]] | None) -> list[Any] | None:
 
 
 # -------------------------------------------------------------------------------------- resolving
-def _cell_box(im: ImageInfo, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Pixel box (original image) of grid rows ``rows`` x cols ``cols`` (half-open)."""
-    w, h = im.original_size
-    return (round(cols[0] * w / im.grid_cols, 4), round(rows[0] * h / im.grid_rows, 4),
-            round(cols[1] * w / im.grid_cols, 4), round(rows[1] * h / im.grid_rows, 4))
+def _grid_box(grid: GridInfo, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Pixel box (original image) of a grid's rows ``rows`` x cols ``cols`` (half-open)."""
+    x0, y0, x1, y1 = grid.box
+    return (round(x0 + cols[0] * (x1 - x0) / grid.cols, 4), round(y0 + rows[0] * (y1 - y0) / grid.rows, 4),
+            round(x0 + cols[1] * (x1 - x0) / grid.cols, 4), round(y0 + rows[1] * (y1 - y0) / grid.rows, 4))
 
 
 def _block(im: ImageInfo, spec: str, label: str, rows: tuple[int, int], cols: tuple[int, int],
-           box: tuple[float, float, float, float] | None = None) -> Group:
-    pos = tuple(im.token_start + r * im.grid_cols + c for r in range(*rows) for c in range(*cols))
-    return Group(spec, label, pos, im.index, box if box is not None else _cell_box(im, rows, cols), rows, cols)
+           box: tuple[float, float, float, float] | None = None, grid: int = 0) -> Group:
+    g = im.grids[grid]
+    pos = tuple(g.token_start + r * g.row_stride + c for r in range(*rows) for c in range(*cols))
+    return Group(spec, label, pos, im.index, box if box is not None else _grid_box(g, rows, cols), rows, cols, grid)
 
 
 def _image(images: Sequence[ImageInfo], index: int, spec: str) -> ImageInfo:
@@ -218,39 +222,46 @@ def _image(images: Sequence[ImageInfo], index: int, spec: str) -> ImageInfo:
     return images[index]
 
 
-def _single_grid(im: ImageInfo, spec: str) -> ImageInfo:
-    """Blocks and boxes are drawn on one grid covering the image; a tiled image's tokens are in several."""
-    if len(im.grids) > 1:
-        raise GroupSpecError(f"{spec}: image {im.index} is tiled ({len(im.grids)} grids): blocks and boxes "
-                             f"are not supported on tiled images yet; use images or a list of positions")
-    return im
+def _grid_name(im: ImageInfo, grid: int) -> str:
+    """How a label names a grid: nothing for an image of one grid, else its index and kind."""
+    return "" if len(im.grids) == 1 else f" grid {grid} ({im.grids[grid].kind})"
 
 
 def _whole_image(im: ImageInfo, spec: str) -> Group:
     box = (0.0, 0.0, float(im.original_size[0]), float(im.original_size[1]))
     if len(im.grids) == 1:
         return _block(im, spec, f"image {im.index}", (0, im.grid_rows), (0, im.grid_cols), box=box)
-    # A tiled image: every cell of every grid (separators are text tokens, not the image's). No single grid
-    # holds it, so it carries no image geometry (readers show it as a labelled group, like a text group).
-    return Group(spec, f"image {im.index}", tuple(sorted(im.positions())))
+    # A tiled image: every cell of every grid (separators are text tokens, not the image's).
+    return Group(spec, f"image {im.index}", tuple(sorted(im.positions())), im.index, box)
 
 
 def _box_group(images: Sequence[ImageInfo], spec: str) -> Group:
     _, image, coords = spec.split(":")
-    im = _single_grid(_image(images, int(image), spec), spec)
+    im = _image(images, int(image), spec)
     x0, y0, x1, y1 = (Fraction(float(x)) for x in coords.split(","))
     w, h = im.original_size
-    # Cells c with c W / cols < x1 and (c + 1) W / cols > x0 (exact rational arithmetic: a box edge on a
-    # cell edge does not take the neighbouring cell).
-    c0 = max(0, math.floor(x0 * im.grid_cols / w))
-    c1 = min(im.grid_cols, math.ceil(x1 * im.grid_cols / w))
-    r0 = max(0, math.floor(y0 * im.grid_rows / h))
-    r1 = min(im.grid_rows, math.ceil(y1 * im.grid_rows / h))
-    if c0 >= c1 or r0 >= r1:
+    # Per grid, the cells c with left edge < x1 and right edge > x0 (in the grid's box; exact rational
+    # arithmetic: a box edge on a cell edge does not take the neighbouring cell). A tiled image's box takes
+    # the cells of every grid it meets (the base view's or thumbnail's and the tiles').
+    hits: list[tuple[int, tuple[int, int], tuple[int, int]]] = []
+    for gi, g in enumerate(im.grids):
+        gx0, gy0, gx1, gy1 = (Fraction(float(b)) for b in g.box)
+        c0 = max(0, math.floor((x0 - gx0) * g.cols / (gx1 - gx0)))
+        c1 = min(g.cols, math.ceil((x1 - gx0) * g.cols / (gx1 - gx0)))
+        r0 = max(0, math.floor((y0 - gy0) * g.rows / (gy1 - gy0)))
+        r1 = min(g.rows, math.ceil((y1 - gy0) * g.rows / (gy1 - gy0)))
+        if c0 < c1 and r0 < r1:
+            hits.append((gi, (r0, r1), (c0, c1)))
+    if not hits:
         raise GroupSpecError(f"{spec}: the box covers no token of image {im.index} (its size is {w}x{h} pixels)")
     clipped = (float(max(x0, 0)), float(max(y0, 0)), float(min(x1, w)), float(min(y1, h)))
-    return _block(im, spec, f"image {im.index} box {','.join(_fmt(x) for x in clipped)}", (r0, r1), (c0, c1),
-                  box=clipped)
+    label = f"image {im.index} box {','.join(_fmt(x) for x in clipped)}"
+    if len(hits) == 1:
+        gi, rows, cols = hits[0]
+        return _block(im, spec, label, rows, cols, box=clipped, grid=gi)
+    pos = sorted(im.grids[gi].token_start + r * im.grids[gi].row_stride + c
+                 for gi, rows, cols in hits for r in range(*rows) for c in range(*cols))
+    return Group(spec, label, tuple(pos), im.index, clipped)
 
 
 def _positions_group(images: Sequence[ImageInfo], positions: tuple[int, ...], spec: str, num_positions: int) -> Group:
@@ -258,13 +269,16 @@ def _positions_group(images: Sequence[ImageInfo], positions: tuple[int, ...], sp
         raise GroupSpecError(f"{spec}: position {positions[-1]} is outside the prompt (positions 0-{num_positions - 1})")
     label = f"positions {positions_text(positions)}"
     for im in images:
-        if im.token_start <= positions[0] and positions[-1] < im.token_end:
-            if len(im.grids) > 1:  # within a tiled image: no single grid to give rows and columns of
-                return Group(spec, label, positions)
-            k = [p - im.token_start for p in positions]
-            rows = (min(x // im.grid_cols for x in k), max(x // im.grid_cols for x in k) + 1)
-            cols = (min(x % im.grid_cols for x in k), max(x % im.grid_cols for x in k) + 1)
-            return Group(spec, label, positions, im.index, _cell_box(im, rows, cols), rows, cols)
+        cells = set(im.positions())
+        if not set(positions) <= cells:
+            continue
+        for gi, g in enumerate(im.grids):
+            if set(positions) <= set(g.positions()):
+                k = [(p - g.token_start) // g.row_stride for p in positions], \
+                    [(p - g.token_start) % g.row_stride for p in positions]
+                rows, cols = (min(k[0]), max(k[0]) + 1), (min(k[1]), max(k[1]) + 1)
+                return Group(spec, label, positions, im.index, _grid_box(g, rows, cols), rows, cols, gi)
+        return Group(spec, label, positions, im.index)  # cells of several grids of one image
     return Group(spec, label, positions)
 
 
@@ -288,14 +302,16 @@ def resolve_groups(specs: Sequence[str | tuple[int, ...]], images: Sequence[Imag
         if spec == "images":
             out.extend(_whole_image(im, text) for im in images)
         elif spec.startswith("blocks:"):
+            # Each grid of each image cut into blocks (a tiled image's base view or thumbnail and every tile).
             br, bc = (int(x) for x in spec.split(":")[1].split("x"))
             for im in images:
-                _single_grid(im, text)
-                for r0 in range(0, im.grid_rows, br):
-                    for c0 in range(0, im.grid_cols, bc):
-                        rows, cols = (r0, min(r0 + br, im.grid_rows)), (c0, min(c0 + bc, im.grid_cols))
-                        out.append(_block(im, text, f"image {im.index} rows {rows[0]}-{rows[1] - 1} "
-                                                    f"cols {cols[0]}-{cols[1] - 1}", rows, cols))
+                for gi, g in enumerate(im.grids):
+                    for r0 in range(0, g.rows, br):
+                        for c0 in range(0, g.cols, bc):
+                            rows, cols = (r0, min(r0 + br, g.rows)), (c0, min(c0 + bc, g.cols))
+                            out.append(_block(im, text, f"image {im.index}{_grid_name(im, gi)} rows {rows[0]}-"
+                                                        f"{rows[1] - 1} cols {cols[0]}-{cols[1] - 1}", rows, cols,
+                                              grid=gi))
         else:
             out.append(_box_group(images, spec))
     if mask_mode is None or mask_mode == "both":

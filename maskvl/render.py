@@ -207,14 +207,28 @@ def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, co
     return heat
 
 
-def grid_heat(data: SweepFile, step: int, layer: int, image: int, grid: int) -> np.ndarray:
-    """``[rows, cols]`` values of one grid of a tiled image (NaN where not measured)."""
+def grid_heat(data: SweepFile, step: int, layer: int, image: int, grid: int, spec: str | None = None) -> np.ndarray:
+    """``[rows, cols]`` values of one grid of a tiled image (NaN where not measured); with ``spec`` (group
+    files) each group's value over its members' cells in that grid."""
     g = data.image_grids(image)[grid]
-    heat = np.full((int(g["rows"]), int(g["cols"])), np.nan)
-    m = (data.step == step) & (data.layer == layer) & (data.image_index == image) & (data.group < 0)
-    if data.grid is not None:
-        m &= data.grid == grid
-    heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+    rows, cols, start, stride = int(g["rows"]), int(g["cols"]), int(g["token_start"]), int(g.get("row_stride") or g["cols"])
+    heat = np.full((rows, cols), np.nan)
+    m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
+    if spec is None:
+        m &= data.group < 0
+        if data.grid is not None:
+            m &= data.grid == grid
+        heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
+        return heat
+    groups = data.group_info()
+    for gi, value in zip(data.group[m & (data.group >= 0)], data.value[m & (data.group >= 0)]):
+        info = groups[int(gi)]
+        if info["spec"] != spec:
+            continue
+        k = np.asarray(info["positions"]) - start
+        r, c = k // stride, k % stride
+        keep = (k >= 0) & (r < rows) & (c < cols)
+        heat[r[keep], c[keep]] = value
     return heat
 
 
@@ -315,10 +329,11 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
             im = images[i]
             specs = _image_specs(data, i, sel & (data.step == s))
             if data.tiled(i):
-                for panel in tiled_panels(data, i) if None in specs else []:
-                    x0, y0, x1, y1 = _panel_extent(data, i, panel[1])
-                    blocks.append(("tiled", s, i, PANEL_IN * (y1 - y0) / (x1 - x0) + 0.45, panel))
-                specs = [sp for sp in specs if sp is not None]
+                for spec in specs:  # per-token values (None) and each group spec, panel by panel
+                    for kind, grids in tiled_panels(data, i):
+                        x0, y0, x1, y1 = _panel_extent(data, i, grids)
+                        blocks.append(("tiled", s, i, PANEL_IN * (y1 - y0) / (x1 - x0) + 0.45, (kind, grids, spec)))
+                specs = []
             rw, rh = im.get("resized_size") or [im["grid_cols"], im["grid_rows"]]
             for spec in specs:
                 blocks.append(("image", s, i, PANEL_IN * rh / rw + 0.45, spec))
@@ -351,7 +366,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
     for row, (kind, s, i, _, spec) in enumerate(blocks):
         step_label = f"step {s}" + (f" \u2192 {_chip_text(generated[s])!s}" if s in generated else "")
         if kind == "tiled":
-            panel_kind, grid_ids = spec
+            panel_kind, grid_ids, group_spec = spec
             x0, y0, x1, y1 = _panel_extent(data, i, grid_ids)
             w, h = images[i].get("original_size") or (x1, y1)
             sub = grid[row].subgridspec(1, ncols, wspace=0.08)
@@ -362,7 +377,7 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
                     ax.imshow(np.asarray(bg), extent=(0, w, h, 0), interpolation="bilinear")
                 for g in grid_ids:
                     bx0, by0, bx1, by1 = data.image_grids(i)[g]["box"]
-                    heat = grid_heat(data, s, layer, i, g)
+                    heat = grid_heat(data, s, layer, i, g, group_spec)
                     ax.imshow(np.ma.masked_invalid(heat), extent=(bx0, bx1, by1, by0), cmap=cm, norm=norm,
                               alpha=alpha if bg is not None else 1.0, interpolation="nearest")
                     if panel_kind == "mosaic":  # the tiles' seams
@@ -378,7 +393,8 @@ def build_figure(data: SweepFile, steps: list[int], layers: list[int], variant: 
                     what = (f"{len(grid_ids)} tiles" if panel_kind == "mosaic"
                             else f"{panel_kind} {data.image_grids(i)[grid_ids[0]]['rows']}x"
                                  f"{data.image_grids(i)[grid_ids[0]]['cols']}")
-                    ax.set_ylabel(f"{step_label}\nimage {i}: {what}", fontsize=8, parse_math=False)
+                    ax.set_ylabel(f"{step_label}\nimage {i}: {what}" + (f"\ngroups {group_spec}" if group_spec else ""),
+                                  fontsize=8, parse_math=False)
         elif kind == "image":
             im = images[i]
             gr, gc = int(im["grid_rows"]), int(im["grid_cols"])

@@ -169,8 +169,25 @@ def test_groups_on_tiled_images(tiled) -> None:
     is_image[[p for im in images for p in im.positions()]] = True
     groups = resolve_groups(parse_specs(["images"]), images, is_image)
     assert [sorted(g.positions) for g in groups] == [sorted(im.positions()) for im in images]
-    with pytest.raises(GroupSpecError, match="tiled"):
-        resolve_groups(parse_specs(["blocks:2x2"]), images, is_image)
+    assert [g.image_index for g in groups] == [0, 1] and {g.grid_index for g in groups} == {None}
+    # blocks: every grid of every image cut into blocks, each within one grid, labelled with it
+    blocks = resolve_groups(parse_specs(["blocks:2x2"]), images, is_image)
+    assert len(blocks) == 4 + 6 + 3 + 1  # image 0: base 3x3 in 4 blocks, 6 tiles; image 1: 3 tiles, thumbnail
+    assert sorted(p for g in blocks for p in g.positions) == sorted(p for im in images for p in im.positions())
+    tile = blocks[4 + 5]  # image 0, grid 6 (its last tile, boxed 80..120 x 40..80)
+    assert (tile.grid_index, tile.box, tile.label) == (6, (80.0, 40.0, 120.0, 80.0),
+                                                       "image 0 grid 6 (tile) rows 0-1 cols 0-1")
+    # box: the cells of every grid the box meets (the base view's and the tiles')
+    (box,) = resolve_groups(parse_specs(["box:0:0,0,40,40"]), images, is_image)
+    # base cells (0, 0) and (1, 0) (cells of 40 x 26.7 px), and all of tile (0, 0)
+    want = {images[0].grids[0].token_start, images[0].grids[0].token_start + 3} | set(images[0].grids[1].positions())
+    assert set(box.positions) == want and box.grid_index is None and box.image_index == 0
+    (one,) = resolve_groups(parse_specs(["box:1:0,35,30,55"]), images, is_image)
+    # image 1's tile 1 (y 30..60) rows 0..1 col 0, and its thumbnail's cells at y 35..55 of 90: rows 0..1 col 0
+    assert set(one.positions) == {images[1].grids[1].positions()[k] for k in (0, 2)} | \
+        {images[1].grids[3].positions()[k] for k in (0, 2)}
+    with pytest.raises(GroupSpecError, match="covers no token"):
+        resolve_groups(parse_specs(["box:1:61,0,70,10"]), images, is_image)
 
 
 try:

@@ -933,6 +933,17 @@
 
   // ----------------------------------------------------------------- layout
 
+  /** Whether an image is one contiguous grid covering it (version 1, the Qwen line), drawn stretched
+   * over the picture; else it is drawn grid by grid at the grids' boxes (tiledEntries). */
+  function plainImage(im) {
+    const grids = Array.isArray(im.grids) ? im.grids : [];
+    if (!grids.length) return true;
+    const g0 = grids[0];
+    return grids.length === 1 && !!g0 && g0.kind === 'image' && (g0.row_stride === undefined || g0.row_stride === g0.cols)
+      && Array.isArray(g0.box) && Array.isArray(im.original_size) && g0.box[0] === 0 && g0.box[1] === 0
+      && g0.box[2] === im.original_size[0] && g0.box[3] === im.original_size[1];
+  }
+
   /**
    * The drawn entries of an image with several grids (format version 2: a base
    * view or thumbnail beside tiles): one entry per base/thumbnail grid over the
@@ -1003,10 +1014,7 @@
         };
         const grids = Array.isArray(im.grids) ? im.grids : [];
         const g0 = grids.length === 1 ? grids[0] : null;
-        const plain = !grids.length || (g0 && g0.kind === 'image' && (g0.row_stride === undefined || g0.row_stride === g0.cols)
-          && Array.isArray(g0.box) && Array.isArray(im.original_size) && g0.box[0] === 0 && g0.box[1] === 0
-          && g0.box[2] === im.original_size[0] && g0.box[3] === im.original_size[1]);
-        if (!plain) {
+        if (!plainImage(im)) {
           // tiles, a base view or thumbnail, a grid with separators inside, or one reaching into padding
           for (const e of tiledEntries(im, i, grids)) images.push(Object.assign({}, base, e));
           return;
@@ -1088,10 +1096,54 @@
     const images = [];
     const entryOf = new Map();
     let cellBase = 0;
+    // A tiled image's panels (tiledEntries) and where each of its positions is drawn: [panel, cell].
+    const tiled = new Map();
+    const panelsOf = (i) => {
+      let t = tiled.get(i);
+      if (!t) {
+        const im = meta.images[i];
+        t = { panels: tiledEntries(im, i, im.grids), at: new Map() };
+        t.panels.forEach((e, pi) => e.parts.forEach((pt) => {
+          for (let k = 0; k < pt.rows * pt.cols; k++) t.at.set(pt.start + Math.floor(k / pt.cols) * pt.stride + (k % pt.cols), [pi, pt.offset + k]);
+        }));
+        tiled.set(i, t);
+      }
+      return t;
+    };
     for (let g = 0; g < nG; g++) {
       const grp = meta.groups[g];
       if (grp.image_index === null) continue;
       const im = meta.images[grp.image_index];
+      if (!plainImage(im)) {
+        // Each of the group's cells in the panel (tile mosaic, base view, thumbnail) that draws it.
+        const t = panelsOf(grp.image_index);
+        const cells = [];
+        for (const q of grp.positions) {
+          const at = t.at.get(q);
+          if (!at) throw new UserError(`Group ${g} lists position ${q}, not a token of image ${grp.image_index}.`);
+          const key = grp.image_index + '|' + grp.spec + '|' + at[0];
+          let e = entryOf.get(key);
+          if (e === undefined) {
+            e = images.length;
+            entryOf.set(key, e);
+            const panel = t.panels[at[0]];
+            images.push(Object.assign({
+              index: grp.image_index, positions: null,
+              path: typeof im.path === 'string' ? im.path : null,
+              original: Array.isArray(im.original_size) ? im.original_size : null,
+            }, panel, { entry: e, spec: String(grp.spec), cellBase, cellGroup: new Int32Array(panel.count).fill(-1), groups: [] }));
+            cellBase += panel.count;
+          }
+          const entry = images[e];
+          entry.cellGroup[at[1]] = g;
+          if (entry.groups[entry.groups.length - 1] !== g) entry.groups.push(g);
+          if (posImg[g] < 0) posImg[g] = e;
+          cells.push(entry.cellBase + at[1]);
+        }
+        posCells[g] = Int32Array.from(cells);
+        posCell[g] = cells.length ? cells[0] : -1;
+        continue;
+      }
       const rows = im.grid_rows, cols = im.grid_cols, start = im.token_start, end = im.token_end;
       if (![rows, cols, start, end].every(Number.isInteger) || rows <= 0 || cols <= 0 || end - start !== rows * cols) {
         throw new UserError(`Image ${grp.image_index} in the metadata is inconsistent (grid ${rows}×${cols}, tokens ${start}..${end}).`);

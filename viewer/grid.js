@@ -284,32 +284,37 @@
     }
   }
 
-  /** The bounding rectangle (in cells) of a group's cells in an entry: [r0, c0, r1, c1] (exclusive ends). */
-  function groupRect(im, g) {
-    let r0 = Infinity, c0 = Infinity, r1 = -1, c1 = -1;
+  /** The canvas rectangles [x, y, w, h] of a group's cells in an entry: per part, its cells' bounding box. */
+  function groupRects(im, canvas, g) {
+    const boxes = new Map();
     for (const cell of app.layout.posCells[g]) {
-      const k = cell - im.cellBase, r = Math.floor(k / im.cols), c = k % im.cols;
-      r0 = Math.min(r0, r); c0 = Math.min(c0, c); r1 = Math.max(r1, r + 1); c1 = Math.max(c1, c + 1);
+      const at = cellPlace(cell);
+      if (!at || at.im !== im) continue;
+      const b = boxes.get(at.part) || [Infinity, Infinity, -1, -1];
+      boxes.set(at.part, [Math.min(b[0], at.r), Math.min(b[1], at.c), Math.max(b[2], at.r + 1), Math.max(b[3], at.c + 1)]);
     }
-    return [r0, c0, r1, c1];
+    return [...boxes].map(([part, [r0, c0, r1, c1]]) => {
+      const [px, py, pw, ph] = partRect(canvas, part);
+      const sx = pw / part.cols, sy = ph / part.rows;
+      return [px + c0 * sx, py + r0 * sy, (c1 - c0) * sx, (r1 - r0) * sy, sx];
+    });
   }
 
   /** A thin outline around each group of a group-run grid (so equal neighbours stay apart), the pinned one bold. */
   function drawGroupOutlines(b) {
     const { im, ctx, canvas } = b;
-    const sx = canvas.width / im.cols, sy = canvas.height / im.rows;
     ctx.lineWidth = 1;
     ctx.strokeStyle = 'rgba(255,255,255,0.8)';
     for (const g of im.groups) {
-      const [r0, c0, r1, c1] = groupRect(im, g);
-      ctx.strokeRect(c0 * sx + 0.5, r0 * sy + 0.5, (c1 - c0) * sx - 1, (r1 - r0) * sy - 1);
+      for (const [x, y, w, h] of groupRects(im, canvas, g)) ctx.strokeRect(x + 0.5, y + 0.5, w - 1, h - 1);
     }
     const q = app.state.pinned;
-    if (q >= 0 && app.layout.posImg[q] === im.entry) {
-      const [r0, c0, r1, c1] = groupRect(im, q);
-      ctx.lineWidth = Math.max(2, sx / 8);
+    if (q >= 0 && im.groups.includes(q)) {
       ctx.strokeStyle = '#000';
-      ctx.strokeRect(c0 * sx + 1, r0 * sy + 1, (c1 - c0) * sx - 2, (r1 - r0) * sy - 2);
+      for (const [x, y, w, h, sx] of groupRects(im, canvas, q)) {
+        ctx.lineWidth = Math.max(2, sx / 8);
+        ctx.strokeRect(x + 1, y + 1, w - 2, h - 2);
+      }
     }
   }
 
@@ -419,7 +424,7 @@
         const [x0, y0, x1, y1] = part.rect;
         if (fx < x0 || fy < y0 || fx >= x1 || fy >= y1) continue;
         const c = Math.floor(((fx - x0) / (x1 - x0)) * part.cols), r = Math.floor(((fy - y0) / (y1 - y0)) * part.rows);
-        return part.start + r * part.stride + c;
+        return b.im.cellGroup ? b.im.cellGroup[part.offset + r * part.cols + c] : part.start + r * part.stride + c;
       }
       return -1;
     }
