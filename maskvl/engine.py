@@ -375,11 +375,7 @@ class Engine:
             # knockout window that reaches a linear layer after the measured one).
             rows = torch.cat([b.h for b in batches])
             out = self._in_chunks(rows.shape[0], lambda i, j: a.replay_linear(layer, rows[i:j], cache, self.cd))
-            i = 0
-            for b in batches:
-                n = b.h.shape[0]
-                b.h = out[i:i + n]
-                i += n
+            self._hand_back(batches, out)
             return
         k, v = a.kv(cache, layer)
         T = seq_len - 1
@@ -413,6 +409,11 @@ class Engine:
                 layer, rows[i:j], cap.rope_at(layer), k_pre, v_pre, exclude[i:j],
                 functools.partial(attend, exclude_sets=key_sets, exclude_set=sets[i:j]),
                 self.cd))
+        self._hand_back(batches, out)
+
+    @staticmethod
+    def _hand_back(batches: list["_LogitsBatch"], out: torch.Tensor) -> None:
+        """Give each batch its rows of ``out`` (the batches' rows replayed together, in order)."""
         i = 0
         for b in batches:
             n = b.h.shape[0]

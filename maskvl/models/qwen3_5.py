@@ -171,13 +171,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
             S, _ = lin.advance(m, S, st.k[n:T - 1], st.v[n:T - 1], st.g[n:T - 1], st.beta[n:T - 1])
             n = T - 1
         rec["prefix"] = (n, S)
-        K = m.conv_kernel_size
-        pre = rec["in_proj_qkv"][0].to(dtype)
-        tail = pre.new_zeros(K - 1, m.conv_dim)
-        got = pre[max(0, T - K):T - 1]
-        if got.shape[0]:
-            tail[K - 1 - got.shape[0]:] = got
-        return tail, S
+        return lin.conv_tail(m, rec["in_proj_qkv"][0][:T - 1].to(dtype)), S
 
     def replay_linear(self, layer: int, h: torch.Tensor, cache: Any, dtype: torch.dtype) -> torch.Tensor:
         tail, S = self._linear_prefix(cache, layer, dtype)

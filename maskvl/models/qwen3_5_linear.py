@@ -35,17 +35,8 @@ def linear_inputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...
     ``q, k [T, Hk, dk]``, ``v [T, Hv, dv]`` (after the conv and its activation, before the L2 norms),
     ``g, beta [T, Hv]`` and the output gate ``z [T, Hv, dv]``, all in ``x``'s dtype.
     """
-    T = x.shape[0]
-    mixed = module.in_proj_qkv(x).transpose(0, 1)[None]  # [1, C, T]
-    mixed = ACT2FN[module.activation](module.conv1d(mixed)[..., :T])[0].transpose(0, 1)  # [T, C]
-    q, k, v = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
-    q = q.reshape(T, module.num_k_heads, module.head_k_dim)
-    k = k.reshape(T, module.num_k_heads, module.head_k_dim)
-    v = v.reshape(T, module.num_v_heads, module.head_v_dim)
-    beta = module.in_proj_b(x).sigmoid()
-    g = -module.A_log.to(x.dtype).exp() * F.softplus(module.in_proj_a(x) + module.dt_bias.to(x.dtype))
-    z = module.in_proj_z(x).reshape(T, module.num_v_heads, module.head_v_dim)
-    return q, k, v, g, beta, z
+    q, k, v, g, beta = rule_inputs(module, module.in_proj_qkv(x), module.in_proj_a(x), module.in_proj_b(x))
+    return q, k, v, g, beta, module.in_proj_z(x).reshape(x.shape[0], module.num_v_heads, module.head_v_dim)
 
 
 def linear_scale(module: nn.Module) -> float:
@@ -111,6 +102,33 @@ def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
 
 
+def _gates(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g = -exp(A_log) softplus(a + dt_bias)`` and ``beta = sigmoid(b)`` from in_proj_a / in_proj_b
+    outputs ``[..., Hv]``, in their dtype."""
+    return -module.A_log.to(a.dtype).exp() * F.softplus(a + module.dt_bias.to(a.dtype)), b.sigmoid()
+
+
+def _heads(module: nn.Module, k: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Keys (and queries) ``[..., Hk, dk]`` as the rule reads them: L2-normalised (queries also scaled by
+    :func:`linear_scale`), each key head repeated for its value heads: ``[..., Hv, dk]``."""
+    G = module.num_v_heads // module.num_k_heads
+    k = _l2norm(k).repeat_interleave(G, dim=-2)
+    if q is None:
+        return (k,)
+    return k, (_l2norm(q) * linear_scale(module)).repeat_interleave(G, dim=-2)
+
+
+def conv_tail(module: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    """The conv's input before the next position: the last ``K-1`` rows of ``pre [n, C]`` (in_proj_qkv
+    of the positions so far), zero rows before the sequence's start: ``[K-1, C]``."""
+    K = module.conv_kernel_size
+    tail = pre.new_zeros(K - 1, module.conv_dim)
+    m = min(K - 1, pre.shape[0])
+    if m:
+        tail[K - 1 - m:] = pre[pre.shape[0] - m:]
+    return tail
+
+
 def conv_act(module: nn.Module, pre: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
     """The causal depthwise conv and its activation for ``pre [n, C]`` (in_proj_qkv outputs) following
     ``tail [K-1, C]`` (the ``K-1`` earlier positions' in_proj_qkv outputs; None: the sequence starts here,
@@ -135,9 +153,9 @@ def rule_inputs(module: nn.Module, pre: torch.Tensor, a: torch.Tensor, b: torch.
     n = pre.shape[0]
     mixed = conv_act(module, pre, tail)
     q, k, v = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
-    g = -module.A_log.to(pre.dtype).exp() * F.softplus(a + module.dt_bias.to(pre.dtype))
+    g, beta = _gates(module, a, b)
     return (q.reshape(n, module.num_k_heads, module.head_k_dim), k.reshape(n, module.num_k_heads, module.head_k_dim),
-            v.reshape(n, module.num_v_heads, module.head_v_dim), g, b.sigmoid())
+            v.reshape(n, module.num_v_heads, module.head_v_dim), g, beta)
 
 
 def advance(module: nn.Module, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -149,10 +167,10 @@ def advance(module: nn.Module, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     the readouts ``[..., n, Hv, dv]`` (None without ``q``): transformers' ``torch_recurrent_gated_delta_rule``
     in ``S``'s dtype. O(n dk dv) per head.
     """
-    G = module.num_v_heads // module.num_k_heads
-    k = _l2norm(k).repeat_interleave(G, dim=-2)
-    if q is not None:
-        q = (_l2norm(q) * linear_scale(module)).repeat_interleave(G, dim=-2)
+    if q is None:
+        (k,) = _heads(module, k)
+    else:
+        k, q = _heads(module, k, q)
     outs = []
     for t in range(k.shape[-3]):
         S = g[..., t, :].exp()[..., None, None] * S
@@ -172,19 +190,13 @@ def prefix_state(module: nn.Module, x_prev: torch.Tensor) -> tuple[torch.Tensor,
     ``S [Hv, dk, dv]`` after position ``T-2`` (zeros for an empty prefix), in ``x_prev``'s dtype: a
     plain recurrence, O(T dk dv) per head.
     """
-    K = module.conv_kernel_size
-    C = module.conv_dim
     S = x_prev.new_zeros(module.num_v_heads, module.head_k_dim, module.head_v_dim)
-    tail = x_prev.new_zeros(K - 1, C)
-    n = x_prev.shape[0]
-    if n == 0:
-        return tail, S
     pre = _linear(module.in_proj_qkv, x_prev)
-    m = min(K - 1, n)
-    tail[K - 1 - m:] = pre[n - m:]
+    if x_prev.shape[0] == 0:
+        return conv_tail(module, pre), S
     _q, k, v, g, beta = rule_inputs(module, pre, _linear(module.in_proj_a, x_prev), _linear(module.in_proj_b, x_prev))
     S, _ = advance(module, S, k, v, g, beta)
-    return tail, S
+    return conv_tail(module, pre), S
 
 
 def final_step(module: nn.Module, x_rows: torch.Tensor, tail: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -209,12 +221,11 @@ def final_step(module: nn.Module, x_rows: torch.Tensor, tail: torch.Tensor, S: t
         conv = conv + module.conv1d.bias.to(dt)
     conv = ACT2FN[module.activation](conv)
     q, k, v = torch.split(conv, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
-    G = module.num_v_heads // module.num_k_heads
-    q = (_l2norm(q.reshape(N, module.num_k_heads, module.head_k_dim)) * linear_scale(module)).repeat_interleave(G, 1)
-    k = _l2norm(k.reshape(N, module.num_k_heads, module.head_k_dim)).repeat_interleave(G, 1)
+    k, q = _heads(module, k.reshape(N, module.num_k_heads, module.head_k_dim),
+                  q.reshape(N, module.num_k_heads, module.head_k_dim))
     v = v.reshape(N, module.num_v_heads, module.head_v_dim)
-    beta = _linear(module.in_proj_b, x_rows).sigmoid()
-    a = (-module.A_log.to(dt).exp() * F.softplus(_linear(module.in_proj_a, x_rows) + module.dt_bias.to(dt))).exp()
+    g, beta = _gates(module, _linear(module.in_proj_a, x_rows), _linear(module.in_proj_b, x_rows))
+    a = g.exp()
     z = _linear(module.in_proj_z, x_rows).reshape(N, module.num_v_heads, module.head_v_dim)
     S = S.to(dt)
     Sq = torch.einsum("hkv,nhk->nhv", S, q)
@@ -261,13 +272,13 @@ class ExactLinear:
         store = cache.__dict__.setdefault("_maskvl_exact", {}) if cache is not None else {}
         tail, S = store.get(m.layer_idx, (pre.new_zeros(B, K - 1, m.conv_dim),
                                           pre.new_zeros(B, m.num_v_heads, m.head_k_dim, m.head_v_dim)))
-        cores = []
+        cores, states = [], []
         for i in range(B):
             q, k, v, g, beta = rule_inputs(m, pre[i], a[i], b[i], tail[i])
             S_i, core = advance(m, S[i], k, v, g, beta, q)
             cores.append(core)
-            S = S.clone()
-            S[i] = S_i
+            states.append(S_i)
+        S = torch.stack(states)
         if cache is not None:
             store[m.layer_idx] = (torch.cat([tail, pre], dim=1)[:, -(K - 1):] if K > 1 else tail, S)
         core = torch.stack(cores)  # [B, n, Hv, dv]
