@@ -211,6 +211,27 @@ def rows_table(step: int, layer_results: list[Any], tokens: TokenTable, float64:
     return pa.Table.from_pydict(cols, schema=schema(float64))
 
 
+def image_grids(image: dict[str, Any]) -> list[dict[str, Any]]:
+    """An image's token grids from a file's metadata (``images[i]``): its ``grids`` (version 2), or for
+    version-1 metadata one grid of kind ``image`` covering the whole image."""
+    if image.get("grids"):
+        return [dict(g) for g in image["grids"]]
+    w, h = image.get("original_size") or (image["grid_cols"], image["grid_rows"])
+    return [{"kind": "image", "rows": int(image["grid_rows"]), "cols": int(image["grid_cols"]),
+             "token_start": int(image["token_start"]), "token_end": int(image["token_end"]),
+             "row_stride": int(image["grid_cols"]), "box": [0.0, 0.0, float(w), float(h)]}]
+
+
+def grid_cells(grid: dict[str, Any], positions: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column in ``grid`` (an :func:`image_grids` entry) of each of ``positions`` that is one of its
+    cells; the others (another grid's, a separator, text) are left out."""
+    rows, cols, stride = int(grid["rows"]), int(grid["cols"]), int(grid.get("row_stride") or grid["cols"])
+    k = np.asarray(positions, np.int64) - int(grid["token_start"])
+    r, c = k // stride, k % stride
+    keep = (k >= 0) & (r < rows) & (c < cols)
+    return r[keep], c[keep]
+
+
 def step_layer_runs(table: pa.Table) -> list[tuple[int, int]]:
     """``[start, stop)`` row ranges over which ``generation_step`` and ``layer`` stay the same."""
     n = table.num_rows

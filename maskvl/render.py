@@ -55,13 +55,8 @@ class SweepFile:
     grid: Any = None  # grid_index within the image, -1 for text (version-1 files: None, one grid per image)
 
     def image_grids(self, image: int) -> list[dict[str, Any]]:
-        """The image's grids (FORMAT.md version 2); one grid of kind ``image`` for version-1 metadata."""
-        im = (self.metadata.get("images") or [])[image]
-        if im.get("grids"):
-            return list(im["grids"])
-        w, h = im.get("original_size") or (im["grid_cols"], im["grid_rows"])
-        return [{"kind": "image", "rows": im["grid_rows"], "cols": im["grid_cols"], "token_start": im["token_start"],
-                 "row_stride": im["grid_cols"], "box": [0, 0, w, h]}]
+        """The image's grids (``maskvl.io.image_grids``: version-1 metadata gives one grid of kind ``image``)."""
+        return io.image_grids((self.metadata.get("images") or [])[image])
 
     def tiled(self, image: int) -> bool:
         """Whether the image is drawn grid by grid at the grids' boxes: several grids, or one that is not a
@@ -184,26 +179,15 @@ def _save_atomic(fig: Any, target: Path, dpi: int) -> None:
 
 def image_grid(data: SweepFile, step: int, layer: int, image: int, rows: int, cols: int,
                spec: str | None = None) -> Any:
-    """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured).
+    """The ``rows x cols`` merged-token grid of one image at one step and layer (NaN where not measured):
+    its first grid, :func:`grid_heat` (for the Qwen line the one grid covering it).
 
     With ``spec`` (group files), the groups of that spec in this image instead: each group's value over
     all of its members' cells.
     """
-
-    heat = np.full((rows, cols), np.nan)
-    m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
-    if spec is None:
-        m &= data.group < 0
-        heat[data.patch_row[m], data.patch_col[m]] = data.value[m]
-        return heat
-    groups = data.group_info()
-    start = (data.metadata.get("images") or [])[image]["token_start"]
-    for g, value in zip(data.group[m & (data.group >= 0)], data.value[m & (data.group >= 0)]):
-        info = groups[int(g)]
-        if info["spec"] != spec:
-            continue
-        k = np.asarray(info["positions"]) - start
-        heat[k // cols, k % cols] = value
+    heat = grid_heat(data, step, layer, image, 0, spec)
+    if heat.shape != (rows, cols):
+        raise ValueError(f"image {image}'s first grid is {heat.shape[0]}x{heat.shape[1]}, not {rows}x{cols}")
     return heat
 
 
@@ -211,8 +195,7 @@ def grid_heat(data: SweepFile, step: int, layer: int, image: int, grid: int, spe
     """``[rows, cols]`` values of one grid of a tiled image (NaN where not measured); with ``spec`` (group
     files) each group's value over its members' cells in that grid."""
     g = data.image_grids(image)[grid]
-    rows, cols, start, stride = int(g["rows"]), int(g["cols"]), int(g["token_start"]), int(g.get("row_stride") or g["cols"])
-    heat = np.full((rows, cols), np.nan)
+    heat = np.full((int(g["rows"]), int(g["cols"])), np.nan)
     m = (data.step == step) & (data.layer == layer) & (data.image_index == image)
     if spec is None:
         m &= data.group < 0
@@ -225,10 +208,7 @@ def grid_heat(data: SweepFile, step: int, layer: int, image: int, grid: int, spe
         info = groups[int(gi)]
         if info["spec"] != spec:
             continue
-        k = np.asarray(info["positions"]) - start
-        r, c = k // stride, k % stride
-        keep = (k >= 0) & (r < rows) & (c < cols)
-        heat[r[keep], c[keep]] = value
+        heat[io.grid_cells(g, info["positions"])] = value
     return heat
 
 

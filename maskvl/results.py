@@ -285,13 +285,7 @@ class Sweep:
         """The token grids of ``image``, in token order: ``kind`` (``image``, ``base``, ``thumbnail``,
         ``tile``), ``rows``, ``cols``, ``token_start``, ``token_end``, ``row_stride`` and ``box`` (x0, y0,
         x1, y1 in the original image's pixels). A version-1 file has one grid per image covering it."""
-        im = self._image(image)
-        if im.get("grids"):
-            return [dict(g) for g in im["grids"]]
-        w, h = im.get("original_size") or (0, 0)
-        return [{"kind": "image", "rows": int(im["grid_rows"]), "cols": int(im["grid_cols"]),
-                 "token_start": int(im["token_start"]), "token_end": int(im["token_end"]),
-                 "row_stride": int(im["grid_cols"]), "box": [0.0, 0.0, float(w), float(h)]}]
+        return io.image_grids(self._image(image))
 
     def _grid_of(self, image: int, grid: Any) -> tuple[int, dict[str, Any]]:
         grids = self.image_grids(image)
@@ -515,14 +509,9 @@ class Sweep:
         elif spec not in specs:
             have = ", ".join(specs) if specs else "none"
             raise InputError(f"no groups of spec {spec!r} in image {image} (its specs: {have})")
-        start, stride, rows, cols = (int(grid["token_start"]), int(grid.get("row_stride") or grid["cols"]),
-                                     int(grid["rows"]), int(grid["cols"]))
-
         def cells(positions: list[int]) -> np.ndarray:
-            k = np.asarray(positions, np.int64) - start
-            r, c = k // stride, k % stride
-            keep = (k >= 0) & (r < rows) & (c < cols)
-            return r[keep] * cols + c[keep]
+            r, c = io.grid_cells(grid, positions)
+            return r * int(grid["cols"]) + c
 
         return {int(g["index"]): cells(g["positions"]) for g in mine if spec is None or g["spec"] == spec}
 
