@@ -95,3 +95,16 @@ def assert_file_matches(path: Path, fast: list[Any]) -> Any:
                 np.testing.assert_allclose(rows.l2_distance.to_numpy(), lr.l2[v], rtol=1e-9, atol=0)
                 np.testing.assert_allclose(rows.cosine_distance.to_numpy(), lr.cos[v], rtol=1e-9, atol=1e-300)
     return df
+
+
+def cli_sweep_one_image(run_main: Any, model_dir: Path, image: Path, out: Path,
+                        prompt: str = "What is in this image?") -> dict[str, Any]:
+    """``maskvl sweep`` of one image on a model directory (float64, both, 2 tokens, Logits) into ``out``:
+    asserts exit 0 and returns the file's metadata."""
+    from maskvl.io import read_metadata
+
+    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(image), "--prompt", prompt,
+                             "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2", "--logits", "-q",
+                             "-o", str(out)])
+    assert code == 0, err
+    return read_metadata(out)

@@ -16,11 +16,10 @@ from PIL import Image
 
 from maskvl.errors import InputError
 from maskvl.inputs import load_image
-from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.gemma3 import CHAT_TEMPLATE, Gemma3Adapter
 from maskvl.naive import naive_sweep
-from naive_support import assert_file_matches, compare_with_naive
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive
 from text_family_support import outside_rows
 
 # GQA 4:2, head_dim 24, hidden 40; layers 0 and 2 local (window 7), layer 1 global.
@@ -164,11 +163,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert n_layer > 0
     # The command line on the same directory writes what the engine computed, with the grids.
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(images["wide"]), "--prompt",
-                             "What is in this image?", "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2",
-                             "--logits", "-q", "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dir, images["wide"], out)
     assert md["complete"] and [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [(2, 2)]
     assert md["images"][0]["grids"] == [g.to_dict() for g in prep.images[0].grids]
     assert md["attention_windows"] == [7, None, 7]

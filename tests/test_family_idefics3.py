@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from maskvl.inputs import load_image
-from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
-from naive_support import assert_file_matches, compare_with_naive
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive
 
 FAMILIES = {"idefics3": Idefics3Adapter, "smolvlm": SmolVLMAdapter}
 # GQA 6:2, head_dim 12 with hidden 48 (not heads x head_dim: Llama's o_proj maps 72 -> 48).
@@ -170,11 +169,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, family, images, run_
     check_grids(prep)
     # The command line on the same directory writes what the engine computed, with the grids.
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dirs[family]), "--image", str(images["wide"]), "--prompt",
-                             PROMPT, "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2", "--logits", "-q",
-                             "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dirs[family], images["wide"], out, prompt=PROMPT)
     assert md["complete"]
     assert md["images"] == [im.to_dict() for im in prep.images]
     grids = md["images"][0]["grids"]

@@ -17,10 +17,9 @@ import torch
 
 from maskvl.errors import InputError, ModelLoadError
 from maskvl.inputs import load_image
-from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.llava_onevision import LlavaOnevisionAdapter, _unpad
-from naive_support import assert_file_matches, compare_with_naive
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive
 
 # GQA 6:2, head_dim 12, hidden 56 (q width 72 != hidden), three layers.
 SHAPE = dict(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=12, hidden_size=56, intermediate_size=80)
@@ -142,11 +141,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert [len(f.layers[0].positions) for f in fast] == [prep.input_ids.shape[1], prep.input_ids.shape[1] + 1]
     # The command line on the same directory writes what the engine computed, and the grids.
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(images["wide"]), "--prompt",
-                             "What is in this image?", "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2",
-                             "--logits", "-q", "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dir, images["wide"], out)
     assert md["complete"] and md["images"][0]["grids"] == [g.to_dict() for g in im.grids]
     assert_file_matches(out, fast)
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from maskvl.inputs import load_image
-from maskvl.io import read_metadata
 from maskvl.models import adapter_class, load_model
-from naive_support import assert_file_matches, compare_with_naive
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive
 
 # Odd shapes per family: Qwen2-VL GQA 6:2 with head_dim 12, three layers; Qwen2.5-VL GQA 4:1 with
 # head_dim 20, tied embeddings (as the 3B checkpoint), two layers.
@@ -151,11 +150,7 @@ def test_cli_sweep_float64_both_logits(model_dir: Path, images, one_image_run, r
     """`maskvl sweep` on the directory writes what the engine computed (itself checked against the oracle)."""
     prep, fast = one_image_run
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(images["wide"]), "--prompt",
-                             "What is in this image?", "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2",
-                             "--logits", "-q", "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dir, images["wide"], out)
     assert md["complete"] and md["dtype"] == "float64"
     assert [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [GRIDS["wide"]]
     assert_file_matches(out, fast)

@@ -18,11 +18,10 @@ import torch
 
 from maskvl.engine import Engine, SweepConfig
 from maskvl.errors import InputError
-from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 from maskvl.models.qwen3_5_linear import ExactLinear
-from naive_support import assert_file_matches, compare_with_naive, small_image_processor
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive, small_image_processor
 
 # Layers 0-2 linear attention (3 key heads of 16, 6 value heads of 8: more heads than the attention layers),
 # layer 3 full attention (GQA 4:2, head_dim 32, rotary on its first 8 dims).
@@ -79,11 +78,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
         assert (lr.l2[0] > 0).sum() >= S - 1
     # The command line on the same directory writes what the engine computed; render and view take it.
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(images["wide"]), "--prompt",
-                             "What is in this image?", "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2",
-                             "--logits", "-q", "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dir, images["wide"], out)
     assert md["complete"] and [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [(2, 3)]
     assert md["layer_types"] == ["linear"] * 3 + ["attention"] and md["layer_heads"] == [6, 6, 6, 4]
     assert md["variants"] == ["Full", "Attn"] + [f"Head_{h}" for h in range(6)] + ["Logits"]

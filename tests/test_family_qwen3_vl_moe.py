@@ -12,10 +12,9 @@ import torch
 
 from maskvl.engine import Engine, SweepConfig
 from maskvl.inputs import load_image
-from maskvl.io import read_metadata
 from maskvl.models import load_model
 from maskvl.models.qwen3_vl_moe import Qwen3VLMoeAdapter
-from naive_support import assert_file_matches, compare_with_naive, small_image_processor
+from naive_support import assert_file_matches, cli_sweep_one_image, compare_with_naive, small_image_processor
 
 # GQA 6:2, head_dim 24, hidden 40; 8 experts, top-2; layer 1 dense (mlp_only_layers), 0 and 2 sparse.
 SHAPE = dict(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=24, hidden_size=40, intermediate_size=72,
@@ -55,11 +54,7 @@ def test_float64_one_image_every_variant_two_steps(adapter, images, run_main, mo
     assert [len(f.layers[0].positions) for f in fast] == [prep.input_ids.shape[1], prep.input_ids.shape[1] + 1]
     # The command line on the same directory writes what the engine computed.
     out = tmp_path / "cli.parquet"
-    code, _, err = run_main(["sweep", "--model", str(model_dir), "--image", str(images["wide"]), "--prompt",
-                             "What is in this image?", "--dtype", "float64", "--mask-mode", "both", "--num-tokens", "2",
-                             "--logits", "-q", "-o", str(out)])
-    assert code == 0, err
-    md = read_metadata(out)
+    md = cli_sweep_one_image(run_main, model_dir, images["wide"], out)
     assert md["complete"] and [(g["grid_rows"], g["grid_cols"]) for g in md["images"]] == [(2, 3)]
     assert_file_matches(out, fast)
 
